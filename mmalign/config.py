@@ -1,0 +1,116 @@
+"""Run configuration: dataclasses, read from YAML, with dotted command-line overrides.
+
+One YAML file describes one training stage (`configs/*.yaml`); `train.lr=1e-4` style overrides
+change any field without new flags, and unknown keys fail loudly with their dotted name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    recipe: str | None = None  # a named recipe (mmalign.recipes) to build from backbones
+    path: str | None = None  # or an existing mmalign / HF folder or hub id to continue from
+    init_trainable: str | None = None  # a training checkpoint whose trainable tensors are loaded (stage 1 -> 2)
+    dtype: str = "float32"
+    device: str = "cpu"
+    attn_implementation: str | None = None  # "sdpa", "eager", "flash_attention_2"
+
+
+@dataclass
+class DataConfig:
+    source: str = "captions"  # captions | conversations | toy
+    path: str | None = None  # caption JSON / cc_sbu_align filter_cap.json / LLaVA JSON
+    image_root: str | None = None
+    template: str = "minigpt4_v0"  # chat template (conversations) or stage-1 format (captions)
+    caption_format: str = "minigpt4_caption"  # minigpt4_caption | plain
+    instructions: str = "minigpt4"  # instruction list drawn for caption-only stage-2 records
+    max_length: int = 160
+    clean_captions: bool = True  # MiniGPT-4 stage 1: lower-case, no punctuation, 50 words
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "stage1"
+    trainable: str = "projector"  # a freezing policy name (mmalign.model.freeze)
+    output_dir: str = "runs/stage1"
+    max_steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr: float = 8e-5
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 42
+    resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(value, annotation):
+    """Convert YAML / CLI values to the annotated field type (only the types used above)."""
+    hint = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None or isinstance(value, str) and value.lower() in ("none", "null") and type(None) in hint:
+        return None
+    target = next(h for h in hint if h is not type(None))
+    if target is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected a boolean, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    if typing.get_origin(target) is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        return tuple(float(v) for v in items)
+    return target(value)
+
+
+def _apply(section, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    names = {f.name for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in names:
+            raise KeyError(f"unknown config key {prefix}{key!r}; known: {sorted(names)}")
+        try:
+            setattr(section, key, _coerce(value, hints[key]))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config key {prefix}{key}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file (sections model / data / train) and apply `section.key=value` overrides."""
+    cfg = RunConfig()
+    raw = yaml.safe_load(Path(path).read_text()) if path else {}
+    for section, values in (raw or {}).items():
+        if section not in ("model", "data", "train"):
+            raise KeyError(f"{path}: unknown config section {section!r}; known: model, data, train")
+        _apply(getattr(cfg, section), values or {}, f"{section}.")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section not in ("model", "data", "train") or not name:
+            raise ValueError(f"override {item!r} must look like section.key=value (sections: model, data, train)")
+        _apply(getattr(cfg, section), {name: value}, f"{section}.")
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

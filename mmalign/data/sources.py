@@ -1,0 +1,356 @@
+"""Caption / conversation datasets read from files.
+
+A bad record (missing or corrupt image, empty caption, conversation without an answer) is
+logged with its file and index / id, counted in a ``SkipCounter`` and skipped: one broken
+file out of a million must never kill a run, and nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mmalign import prompts
+from mmalign.prompts import IMAGE_TOKEN, Template, get_template, user_with_image
+
+log = logging.getLogger(__name__)
+
+ImageRef = Union[str, Path, Image.Image]
+
+
+@dataclass
+class CaptionRecord:
+    image: ImageRef
+    caption: str
+    key: str = ""  # id / "file#index" for messages
+
+
+@dataclass
+class ConversationRecord:
+    image: ImageRef | None  # None: text-only sample
+    turns: list[dict[str, str]]  # [{"role": "user"|"assistant", "content": str}, ...]
+    key: str = ""
+
+
+Record = Union[CaptionRecord, ConversationRecord]
+
+
+class SkipCounter:
+    """Thread-safe counts of skipped records per reason, plus the first few examples.
+
+    With DataLoader workers each process counts its own copy; the warnings in the log are the
+    complete record.
+    """
+
+    def __init__(self, max_examples: int = 5) -> None:
+        self.max_examples = max_examples
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, reason: str, where: str, detail: str = "") -> None:
+        log.warning("skipped %s: %s%s", where, reason, f" ({detail})" if detail else "")
+        with self._lock:
+            self.counts[reason] = self.counts.get(reason, 0) + 1
+            ex = self.examples.setdefault(reason, [])
+            if len(ex) < self.max_examples:
+                ex.append(where)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "total": sum(self.counts.values()),
+                "counts": dict(self.counts),
+                "examples": {k: list(v) for k, v in self.examples.items()},
+            }
+
+    def __getstate__(self) -> dict[str, Any]:  # locks do not pickle (DataLoader workers)
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SkipCounter(total={self.total}, counts={self.counts})"
+
+
+def _load_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_caption_json(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    *,
+    skips: SkipCounter | None = None,
+    check_images: bool = False,
+) -> list[CaptionRecord]:
+    """Image-caption pairs from JSON.
+
+    Layouts: a list of ``{"image": relpath, "caption": str}`` (images under ``image_root``), or
+    MiniGPT-4's ``cc_sbu_align/filter_cap.json`` = ``{"annotations": [{"image_id", "caption"}]}``
+    with images at ``image_root/image/{image_id}.jpg`` (``image_root`` defaults to the JSON's
+    folder). ``check_images`` stats every file now instead of failing lazily at load time.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    skips = skips if skips is not None else SkipCounter()
+    data = _load_json(path)
+    if isinstance(data, dict) and "annotations" in data:
+        items, img_dir = data["annotations"], (root / "image" if (root / "image").is_dir() else root)
+        get_image = lambda a: img_dir / f"{a['image_id']}.jpg"  # noqa: E731
+        get_key = lambda a, i: f"{path}#{i} (image_id={a.get('image_id')})"  # noqa: E731
+    elif isinstance(data, list):
+        items = data
+        get_image = lambda a: root / a["image"]  # noqa: E731
+        get_key = lambda a, i: f"{path}#{i}"  # noqa: E731
+    else:
+        raise ValueError(f"{path}: expected a JSON list or {{'annotations': [...]}}")
+    out: list[CaptionRecord] = []
+    for i, a in enumerate(items):
+        where = f"{path}#{i}"
+        try:
+            key = get_key(a, i)
+            image = get_image(a)
+            caption = a.get("caption")
+        except (KeyError, TypeError, AttributeError) as e:
+            skips.add("malformed record", where, repr(e))
+            continue
+        if not isinstance(caption, str) or not caption.strip():
+            skips.add("empty caption", key)
+            continue
+        if check_images and not image.is_file():
+            skips.add("missing image", key, str(image))
+            continue
+        out.append(CaptionRecord(image=image, caption=caption.strip(), key=key))
+    return out
+
+
+_REASONS = {"no answer", "empty answer", "image marker but no image"}
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def llava_turns(
+    conversations: Sequence[dict[str, Any]], template: str | Template, has_image: bool
+) -> list[dict[str, str]]:
+    """LLaVA ``conversations`` -> our turns, with the ``<image>`` marker re-placed per template.
+
+    As LLaVA does, the marker is removed from the text and put back in front of its message
+    (``<image>\\n...`` for vicuna_v1, ``<Img><ImageHere></Img> ...`` for MiniGPT-4). A leading
+    assistant message is dropped and a trailing user one too; ValueError on anything else odd.
+    """
+    t = get_template(template)
+    turns = []
+    for c in conversations:
+        role = _ROLES.get(str(c.get("from", "")).lower())
+        if role is None:
+            raise ValueError(f"unknown speaker {c.get('from')!r}")
+        value = c.get("value")
+        if not isinstance(value, str):
+            raise ValueError("message without a string 'value'")
+        turns.append({"role": role, "content": value})
+    while turns and turns[0]["role"] != "user":
+        turns.pop(0)
+    if turns and turns[-1]["role"] == "user":
+        turns.pop()
+    for i, turn in enumerate(turns):
+        if turn["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError("messages do not alternate human / gpt")
+        if turn["role"] == "assistant" and IMAGE_TOKEN in turn["content"]:
+            raise ValueError("an answer contains the image marker")
+    if any(tr["role"] == "assistant" and not tr["content"].strip() for tr in turns):
+        raise ValueError("empty answer")
+    if not any(tr["role"] == "assistant" for tr in turns):
+        raise ValueError("no answer")
+    n_markers = sum(tr["content"].count(IMAGE_TOKEN) for tr in turns)
+    if not has_image:
+        if n_markers:
+            raise ValueError("image marker but no image")
+        return turns
+    if n_markers > 1:
+        raise ValueError(f"{n_markers} image markers for one image")
+    idx = next((i for i, tr in enumerate(turns) if IMAGE_TOKEN in tr["content"]), 0)
+    text = turns[idx]["content"].replace(IMAGE_TOKEN, "")
+    turns[idx] = {"role": "user", "content": user_with_image(t, text)}
+    return turns
+
+
+def read_llava_json(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    *,
+    template: str | Template = "vicuna_v1",
+    skips: SkipCounter | None = None,
+    check_images: bool = False,
+) -> list[ConversationRecord]:
+    """LLaVA / ShareGPT4V conversation JSON: ``[{"id", "image"?, "conversations": [...]}]``.
+
+    Samples without ``image`` are text-only. The template decides where the image marker goes.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    skips = skips if skips is not None else SkipCounter()
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of conversations")
+    out: list[ConversationRecord] = []
+    for i, s in enumerate(data):
+        where = f"{path}#{i}" + (f" (id={s.get('id')})" if isinstance(s, dict) and "id" in s else "")
+        try:
+            image = root / s["image"] if s.get("image") else None
+            turns = llava_turns(s["conversations"], template, image is not None)
+        except ValueError as e:
+            known = str(e) in _REASONS
+            skips.add(str(e) if known else "bad conversation", where, "" if known else str(e))
+            continue
+        except (KeyError, TypeError, AttributeError) as e:
+            skips.add("malformed record", where, repr(e))
+            continue
+        if check_images and image is not None and not image.is_file():
+            skips.add("missing image", where, str(image))
+            continue
+        out.append(ConversationRecord(image=image, turns=turns, key=where))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# encode functions (record -> ids)
+
+
+def make_caption_encoder(
+    tokenizer: Any,
+    num_image_tokens: int,
+    *,
+    fmt: str = "minigpt4_caption",
+    clean: bool | None = None,
+    max_length: int | None = None,
+) -> Callable[[CaptionRecord], dict[str, Any]]:
+    """Stage-1 encode_fn; ``clean`` defaults to True for MiniGPT-4's format."""
+    do_clean = (fmt == "minigpt4_caption") if clean is None else clean
+
+    def encode(rec: CaptionRecord) -> dict[str, Any]:
+        cap = prompts.clean_caption(rec.caption) if do_clean else rec.caption
+        return prompts.encode_caption(tokenizer, cap, num_image_tokens, fmt=fmt, max_length=max_length)
+
+    return encode
+
+
+def make_conversation_encoder(
+    tokenizer: Any,
+    template: str | Template,
+    num_image_tokens: int,
+    *,
+    system: str | None = None,
+    max_length: int | None = None,
+    rng: random.Random | None = None,
+) -> Callable[[Record], dict[str, Any]]:
+    """Chat encode_fn. A CaptionRecord becomes one MiniGPT-4 stage-2 turn: a sampled
+    instruction (with the image marker) answered by its caption. ``system`` defaults to None
+    (MiniGPT-4 stage 2 trains without one)."""
+    t = get_template(template)
+
+    def encode(rec: Record) -> dict[str, Any]:
+        if isinstance(rec, CaptionRecord):
+            turns = [
+                {"role": "user", "content": prompts.sample_instruction(rng, t)},
+                {"role": "assistant", "content": rec.caption},
+            ]
+        else:
+            turns = rec.turns
+        return prompts.encode_conversation(
+            tokenizer, t, turns, num_image_tokens, system=system, max_length=max_length
+        )
+
+    return encode
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset
+
+
+def load_image(ref: ImageRef) -> Image.Image:
+    """Open and fully decode an image as RGB (decoding now is what catches truncated files)."""
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    with Image.open(ref) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+class MultimodalDataset(Dataset):
+    """Records -> ``{"input_ids", "labels", "pixel_values"}``; a bad sample gives None.
+
+    ``encode_fn(record) -> dict(input_ids, labels, ...)``; ``image_transform(PIL) -> [3,H,W]``.
+    Failures to read an image (missing, corrupt) or to encode (ValueError: no answer, image
+    does not fit, ...) are counted in ``skips`` and logged; ``collate`` drops the Nones. Other
+    exceptions are bugs and propagate.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        encode_fn: Callable[[Any], dict[str, Any]],
+        image_transform: Callable[[Image.Image], Any],
+        *,
+        skips: SkipCounter | None = None,
+    ) -> None:
+        self.records = records
+        self.encode_fn = encode_fn
+        self.image_transform = image_transform
+        self.skips = skips if skips is not None else SkipCounter()
+        self.num_truncated = 0  # kept samples that lost answer tokens to max_length
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def skipped(self) -> dict[str, Any]:
+        return {**self.skips.summary(), "truncated": self.num_truncated}
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        rec = self.records[index]
+        where = rec.key or f"record #{index}"
+        image = None
+        if rec.image is not None:
+            if not isinstance(rec.image, Image.Image) and not Path(rec.image).is_file():
+                self.skips.add("missing image", where, str(rec.image))
+                return None
+            try:
+                image = load_image(rec.image)
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+                self.skips.add("corrupt image", where, f"{rec.image}: {e!r}")
+                return None
+        try:
+            enc = self.encode_fn(rec)
+        except ValueError as e:
+            self.skips.add("encode error", where, str(e))
+            return None
+        n_images = enc.get("num_images")
+        if n_images is not None and n_images != (1 if image is not None else 0):
+            self.skips.add(
+                "image / placeholder mismatch", where, f"{n_images} placeholders, image={image is not None}"
+            )
+            return None
+        if enc.get("answer_tokens_cut"):
+            self.num_truncated += 1
+        return {
+            "input_ids": enc["input_ids"],
+            "labels": enc["labels"],
+            "pixel_values": None if image is None else self.image_transform(image),
+        }

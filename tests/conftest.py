@@ -1,0 +1,55 @@
+"""Shared test fixtures. Nothing here downloads anything: tokenizers are trained in memory."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+_CORPUS = [
+    "a red circle above a blue square. a green triangle left of a small yellow star.",
+    "Describe this image in detail. Take a look at this image and describe what you notice.",
+    "Please provide a detailed description of the picture. Could you describe the contents?",
+    "###Human: <Img><ImageHere></Img> ###Assistant: [INST] [/INST] <<SYS>> <</SYS>>",
+    "A chat between a curious user and an artificial intelligence assistant. USER: ASSISTANT:",
+    "Give the following image: <Img>ImageContent</Img>. You will be able to see the image.",
+    "How many shapes are there? There are three shapes. What color is the circle? It is red.",
+]
+
+
+def build_tiny_tokenizer(image_token: bool = True, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (exact decode of any text) with <s>, </s>, <unk>, <pad> and <image>."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>"] + (["<image>"] if image_token else [])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=["<image>"] if image_token else [],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Shared tiny tokenizer (session-scoped: do not mutate it; build your own to add tokens)."""
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_tokenizer() -> Callable[..., PreTrainedTokenizerFast]:
+    """The builder, for tests that need a variant (e.g. without <image>) or to mutate one."""
+    return build_tiny_tokenizer

@@ -1,0 +1,221 @@
+import json
+import logging
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+from mmalign.data import (
+    CaptionRecord,
+    ConversationRecord,
+    MultimodalDataset,
+    SkipCounter,
+    collate,
+    make_caption_encoder,
+    make_conversation_encoder,
+    read_caption_json,
+    read_llava_json,
+)
+from mmalign.prompts import IGNORE_INDEX, image_token_id
+
+N = 4
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    im = im.resize((8, 8))
+    return torch.tensor(list(im.get_flattened_data()), dtype=torch.float32).T.reshape(3, 8, 8) / 255
+
+
+def save_jpeg(path, color=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), color).save(path, "JPEG")
+
+
+def save_truncated_jpeg(path):
+    save_jpeg(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def warnings_text(caplog):
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_bad_records_are_skipped_counted_and_named(tmp_path, tiny_tokenizer, caplog):
+    save_jpeg(tmp_path / "imgs/good1.jpg")
+    save_jpeg(tmp_path / "imgs/good2.png")
+    save_truncated_jpeg(tmp_path / "imgs/corrupt.jpg")
+    (tmp_path / "imgs/garbage.jpg").write_bytes(b"not an image at all")
+    records = [
+        {"image": "imgs/good1.jpg", "caption": "A red square."},
+        {"image": "imgs/missing.jpg", "caption": "never seen"},
+        {"image": "imgs/corrupt.jpg", "caption": "half a file"},
+        {"image": "imgs/good1.jpg", "caption": "   "},
+        {"image": "imgs/garbage.jpg", "caption": "garbage bytes"},
+        {"image": "imgs/good2.png", "caption": "Another one."},
+        {"caption": "no image key"},
+    ]
+    path = tmp_path / "caps.json"
+    path.write_text(json.dumps(records))
+    skips = SkipCounter()
+    with caplog.at_level(logging.WARNING):
+        recs = read_caption_json(path, tmp_path, skips=skips)
+        assert len(recs) == 5  # empty caption and malformed record dropped at read time
+        ds = MultimodalDataset(recs, make_caption_encoder(tiny_tokenizer, N), to_tensor, skips=skips)
+        items = [ds[i] for i in range(len(ds))]
+    good = [x for x in items if x is not None]
+    assert len(good) == 2
+    assert all(x["pixel_values"].shape == (3, 8, 8) for x in good)
+    assert ds.skipped["counts"] == {
+        "empty caption": 1, "malformed record": 1, "missing image": 1, "corrupt image": 2,
+    }
+    assert ds.skipped["total"] == 5
+    log = warnings_text(caplog)
+    for i in (1, 2, 3, 4, 6):
+        assert f"caps.json#{i}" in log
+    assert "missing.jpg" in log and "corrupt.jpg" in log and "garbage.jpg" in log
+    batch = collate(items, tiny_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (2, 3, 8, 8)
+    # MiniGPT-4 stage 1: caption cleaned, [BOS][image][caption\n]
+    learned = [t for t, l in zip(good[0]["input_ids"], good[0]["labels"]) if l != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(learned) == "a red square\n"
+
+
+def test_check_images_at_read_time(tmp_path, caplog):
+    save_jpeg(tmp_path / "a.jpg")
+    path = tmp_path / "caps.json"
+    path.write_text(json.dumps([{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg", "caption": "y"}]))
+    skips = SkipCounter()
+    with caplog.at_level(logging.WARNING):
+        recs = read_caption_json(path, skips=skips, check_images=True)
+    assert [r.caption for r in recs] == ["x"] and skips.counts == {"missing image": 1}
+    assert "caps.json#1" in warnings_text(caplog)
+
+
+def test_cc_sbu_align_layout(tmp_path):
+    root = tmp_path / "cc_sbu_align"
+    save_jpeg(root / "image/2.jpg")
+    save_jpeg(root / "image/7.jpg")
+    ann = {"annotations": [{"image_id": 2, "caption": "A dog."}, {"image_id": "7", "caption": "A cat."}]}
+    (root / "filter_cap.json").write_text(json.dumps(ann))
+    recs = read_caption_json(root / "filter_cap.json")
+    assert [r.caption for r in recs] == ["A dog.", "A cat."]
+    assert recs[0].image == root / "image/2.jpg" and "image_id=2" in recs[0].key
+    assert recs == read_caption_json(root / "filter_cap.json", root)
+
+
+def test_caption_records_as_minigpt4_stage2(tmp_path, tiny_tokenizer):
+    save_jpeg(tmp_path / "image/2.jpg")
+    enc = make_conversation_encoder(tiny_tokenizer, "minigpt4_v0", N)
+    ds = MultimodalDataset([CaptionRecord(tmp_path / "image/2.jpg", "A dog.")], enc, to_tensor)
+    item = ds[0]
+    text = tiny_tokenizer.decode(item["input_ids"])
+    assert text.startswith("<s>###Human: <Img>" + "<image>" * N + "</Img> ")
+    assert text.endswith(" ###Assistant: A dog.###")
+
+
+def qa(*pairs):
+    return [{"from": f, "value": v} for f, v in pairs]
+
+
+LLAVA = [
+    {
+        "id": "img-1",
+        "image": "coco/1.jpg",
+        "conversations": qa(("human", "What is this?\n<image>"), ("gpt", "A red square."), ("human", "Sure?"), ("gpt", "Yes.")),
+    },
+    {"id": "text-only", "conversations": qa(("human", "Hi"), ("gpt", "Hello."))},
+    {"id": "no-answer", "image": "coco/1.jpg", "conversations": qa(("human", "<image>\nHm?"))},
+    {"id": "empty-answer", "conversations": qa(("human", "Hi"), ("gpt", ""))},
+    {"id": "marker-no-image", "conversations": qa(("human", "<image>\nHi"), ("gpt", "x"))},
+    {"id": "missing-img", "image": "coco/404.jpg", "conversations": qa(("human", "<image>\nQ"), ("gpt", "A"))},
+    {"id": "no-marker", "image": "coco/1.jpg", "conversations": qa(("gpt", "junk"), ("human", "Q"), ("gpt", "A"))},
+]
+
+
+@pytest.fixture
+def llava_file(tmp_path):
+    save_jpeg(tmp_path / "coco/1.jpg")
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(LLAVA))
+    return path
+
+
+def test_llava_json_vicuna(llava_file, tiny_tokenizer, caplog):
+    skips = SkipCounter()
+    with caplog.at_level(logging.WARNING):
+        recs = read_llava_json(llava_file, skips=skips)
+    ids = [r.key.split("id=")[1].rstrip(")") for r in recs]
+    assert ids == ["img-1", "text-only", "missing-img", "no-marker"]
+    assert recs[0].turns[0] == {"role": "user", "content": "<image>\nWhat is this?"}
+    assert [t["role"] for t in recs[0].turns] == ["user", "assistant", "user", "assistant"]
+    assert recs[1].image is None and recs[1].turns[0]["content"] == "Hi"
+    assert recs[3].turns == [  # leading gpt message dropped, marker added for the image
+        {"role": "user", "content": "<image>\nQ"},
+        {"role": "assistant", "content": "A"},
+    ]
+    assert skips.counts == {"no answer": 1, "empty answer": 1, "image marker but no image": 1}
+    log = warnings_text(caplog)
+    for key in ("no-answer", "empty-answer", "marker-no-image"):
+        assert f"id={key}" in log
+    assert "llava.json#2" in log
+
+    enc = make_conversation_encoder(tiny_tokenizer, "vicuna_v1", N, system="S")
+    ds = MultimodalDataset(recs, enc, to_tensor, skips=skips)
+    with caplog.at_level(logging.WARNING):
+        items = [ds[i] for i in range(len(ds))]
+    assert items[2] is None and ds.skipped["counts"]["missing image"] == 1
+    assert "id=missing-img" in warnings_text(caplog) and "404.jpg" in warnings_text(caplog)
+    assert items[1]["pixel_values"] is None
+    img = image_token_id(tiny_tokenizer)
+    assert items[0]["input_ids"].count(img) == N and img not in items[1]["input_ids"]
+    batch = collate(items, tiny_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 3
+    assert batch["pixel_values"].shape == (2, 3, 8, 8)  # only samples with an image
+    assert (batch["input_ids"] == img).sum() == 2 * N
+
+
+def test_llava_json_minigpt4_marker(llava_file, tiny_tokenizer):
+    recs = read_llava_json(llava_file, template="minigpt4_v0")
+    assert recs[0].turns[0]["content"] == "<Img><ImageHere></Img> What is this?"
+    enc = make_conversation_encoder(tiny_tokenizer, "minigpt4_v0", N)
+    ds = MultimodalDataset(recs[:2], enc, to_tensor)
+    text = tiny_tokenizer.decode(ds[0]["input_ids"])
+    assert "<Img>" + "<image>" * N + "</Img> What is this?" in text
+
+
+def test_encode_failures_are_counted(tmp_path, tiny_tokenizer, caplog):
+    save_jpeg(tmp_path / "a.jpg")
+    q, q_img, a = ({"role": "user", "content": "Q"}, {"role": "user", "content": "<image>\nQ"},
+                   {"role": "assistant", "content": "A"})
+    recs = [
+        ConversationRecord(tmp_path / "a.jpg", [q_img], key="k-noanswer"),
+        ConversationRecord(tmp_path / "a.jpg", [q, a], key="k-nomarker"),
+        ConversationRecord(Image.new("RGB", (4, 4)), [q_img, a]),  # in-memory PIL image
+    ]
+    ds = MultimodalDataset(recs, make_conversation_encoder(tiny_tokenizer, "vicuna_v1", N), to_tensor)
+    with caplog.at_level(logging.WARNING):
+        items = [ds[i] for i in range(3)]
+    assert items[0] is None and items[1] is None and items[2] is not None
+    assert ds.skipped["counts"] == {"encode error": 1, "image / placeholder mismatch": 1}
+    log = warnings_text(caplog)
+    assert "k-noanswer" in log and "k-nomarker" in log
+
+
+def test_truncation_counted(tmp_path, tiny_tokenizer):
+    save_jpeg(tmp_path / "a.jpg")
+    rec = CaptionRecord(tmp_path / "a.jpg", "a long caption with many words in it " * 3)
+    ds = MultimodalDataset([rec], make_caption_encoder(tiny_tokenizer, N, max_length=N + 4), to_tensor)
+    assert len(ds[0]["input_ids"]) == N + 4 and ds.skipped["truncated"] == 1
+    ds = MultimodalDataset([rec], make_caption_encoder(tiny_tokenizer, N, max_length=N), to_tensor)
+    assert ds[0] is None and ds.skipped["counts"] == {"encode error": 1}
+
+
+def test_skip_counter_pickles_and_caps_examples():
+    c = SkipCounter(max_examples=2)
+    for i in range(5):
+        c.add("r", f"w{i}")
+    c2 = pickle.loads(pickle.dumps(c))
+    c2.add("r", "w5")
+    assert c2.counts == {"r": 6} and c2.examples == {"r": ["w0", "w1"]} and c.total == 5
