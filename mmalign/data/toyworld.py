@@ -214,7 +214,7 @@ def mentioned_objects(text: str) -> list[tuple[str | None, str]]:
 
 def split_seeds(split: str, n: int) -> range:
     """Disjoint seed ranges so held-out scenes are never trained on."""
-    offsets = {"pretrain": 0, "train": 10_000_000, "val": 20_000_000, "test": 30_000_000}
+    offsets = {"pretrain": 0, "train": 10_000_000, "curated": 15_000_000, "val": 20_000_000, "test": 30_000_000}
     if split not in offsets:
         raise ValueError(f"unknown toy split {split!r}; known: {sorted(offsets)}")
     return range(offsets[split], offsets[split] + n)

@@ -123,7 +123,9 @@ LLAVA = [
     {
         "id": "img-1",
         "image": "coco/1.jpg",
-        "conversations": qa(("human", "What is this?\n<image>"), ("gpt", "A red square."), ("human", "Sure?"), ("gpt", "Yes.")),
+        "conversations": qa(
+            ("human", "What is this?\n<image>"), ("gpt", "A red square."), ("human", "Sure?"), ("gpt", "Yes.")
+        ),
     },
     {"id": "text-only", "conversations": qa(("human", "Hi"), ("gpt", "Hello."))},
     {"id": "no-answer", "image": "coco/1.jpg", "conversations": qa(("human", "<image>\nHm?"))},

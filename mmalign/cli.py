@@ -1,0 +1,152 @@
+"""`mmalign <verb>`: train, chat, eval, export, toy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _train(a: argparse.Namespace) -> None:
+    from mmalign.config import load_config
+    from mmalign.train.loop import train
+
+    print(train(load_config(a.config, a.overrides)))
+
+
+def _chat(a: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from mmalign.chat.session import ChatSession
+    from mmalign.model import image_transform_for
+    from mmalign.model.build import load_model, template_of
+
+    model, tokenizer = load_model(a.model, dtype=a.dtype, device=a.device)
+    session = ChatSession(model, tokenizer, a.template or template_of(a.model), image_transform_for(model))
+    gen = {"num_beams": a.num_beams, "do_sample": a.temperature > 0, "temperature": a.temperature or None,
+           "top_p": a.top_p, "repetition_penalty": a.repetition_penalty, "max_new_tokens": a.max_new_tokens}  # fmt: skip
+    if a.image:
+        session.set_image(Image.open(a.image))
+
+    def answer(text: str) -> None:
+        print("Assistant: ", end="", flush=True)
+        for piece in session.ask(text, **gen):
+            print(piece, end="", flush=True)
+        print(flush=True)
+
+    if a.ask:  # scripted: one answer per --ask, then exit
+        for text in a.ask:
+            print(f"User: {text}")
+            answer(text)
+        return
+    print("Commands: /image PATH (new conversation about it), /reset, /quit")
+    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("User: "), None):
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            session.reset()
+            continue
+        if text.startswith("/image "):
+            path = text.split(" ", 1)[1].strip()
+            try:
+                session.set_image(Image.open(path))
+            except OSError as e:
+                print(f"cannot open image {path}: {e}")
+            continue
+        try:
+            answer(text)
+        except ValueError as e:
+            print(f"error: {e}")
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from mmalign.evaluate.toy import evaluate_toy
+    from mmalign.model import image_transform_for
+    from mmalign.model.build import load_model, template_of
+
+    model, tokenizer = load_model(a.model, dtype=a.dtype, device=a.device)
+    result = evaluate_toy(model, tokenizer, a.template or template_of(a.model), image_transform_for(model),
+                          n_scenes=a.n_scenes, batch_size=a.batch_size)  # fmt: skip
+    result.save(a.out)
+    print(json.dumps(result.metrics, indent=1))
+
+
+def _export(a: argparse.Namespace) -> None:
+    from mmalign.config import load_config
+    from mmalign.model import export, image_processor_for, load_trainable
+    from mmalign.model.build import model_from_config
+
+    cfg = load_config(a.config, a.overrides)
+    model, tokenizer = model_from_config(cfg.model)
+    load_trainable(model, a.checkpoint, strict=False)
+    export(model, tokenizer, a.out, image_processor=image_processor_for(model), template=cfg.data.template)
+    print(a.out)
+
+
+def _toy(a: argparse.Namespace) -> None:
+    from mmalign.toy import run
+
+    if a.what == "data":
+        run.write_toy_data(Path(a.out))
+    else:
+        run.main_job(Path(a.out), quick=a.quick)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="mmalign", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    t = sub.add_parser("train", help="run one training stage from a YAML config")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4")
+    t.set_defaults(fn=_train)
+
+    def model_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--model", required=True, help="exported folder or hub id")
+        q.add_argument("--template", default=None, help="override the model's template")
+        q.add_argument("--dtype", default="float32")
+        q.add_argument("--device", default="cpu")
+
+    c = sub.add_parser("chat", help="multi-turn terminal chat about an image")
+    model_args(c)
+    c.add_argument("--image", default=None)
+    c.add_argument("--ask", action="append", help="ask this and exit (repeatable: a multi-turn script)")
+    c.add_argument("--num-beams", type=int, default=1)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--max-new-tokens", type=int, default=300)
+    c.set_defaults(fn=_chat)
+
+    e = sub.add_parser("eval", help="evaluate on held-out toy scenes (VQA, presence F1, CHAIR, length)")
+    model_args(e)
+    e.add_argument("--n-scenes", type=int, default=200)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--out", default="runs/eval")
+    e.set_defaults(fn=_eval)
+
+    x = sub.add_parser("export", help="write a training checkpoint as a full Hugging Face folder")
+    x.add_argument("config")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("overrides", nargs="*")
+    x.set_defaults(fn=_export)
+
+    y = sub.add_parser("toy", help="the embedded toy world: write its data, or run the whole main job")
+    y.add_argument("what", choices=["data", "run"])
+    y.add_argument("--out", default="runs/toy")
+    y.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    y.set_defaults(fn=_toy)
+
+    a = p.parse_args(argv)
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()
