@@ -79,6 +79,9 @@ def _coerce(value, annotation):
         return value.lower() in ("true", "1", "yes")
     if typing.get_origin(target) is tuple:
         items = value.split(",") if isinstance(value, str) else value
+        args = typing.get_args(target)
+        if args and Ellipsis not in args and len(items) != len(args):
+            raise ValueError(f"expected {len(args)} comma-separated values, got {value!r}")
         return tuple(float(v) for v in items)
     return target(value)
 

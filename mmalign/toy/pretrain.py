@@ -203,18 +203,21 @@ def text_only_gate(model, tokenizer, n_scenes: int = 150, seed: int = 1) -> dict
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
-def train_llm(out: Path, minutes: float, batch_size: int = 48, lr: float = 2e-3, seed: int = 0) -> None:
+def train_llm(
+    out: Path, minutes: float, batch_size: int = 48, lr: float = 2e-3, seed: int = 0, resume: bool = False
+) -> None:
+    """`resume`: continue from the weights already in `out` (a second, lower-lr session)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(out)
-    model = LlamaForCausalLM(llm_config(tokenizer))
+    model = LlamaForCausalLM.from_pretrained(out) if resume else LlamaForCausalLM(llm_config(tokenizer))
     print(f"llm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
     rng = random.Random(seed)
     seeds = iter(range(10**9))
     deadline = time.time() + minutes * 60
-    log = open(out / "pretrain_log.jsonl", "w")
+    log = open(out / "pretrain_log.jsonl", "a" if resume else "w")
     step, est_total = 0, None
     bar = tqdm(desc="llm pretrain", unit="step")
     while time.time() < deadline:
@@ -347,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="llm: continue from the saved weights")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -356,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         (a.out or ASSETS / "vision").mkdir(parents=True, exist_ok=True)
         train_vision(a.out or ASSETS / "vision", a.minutes)
     else:
-        train_llm(a.out or ASSETS / "llm", a.minutes)
+        train_llm(a.out or ASSETS / "llm", a.minutes, lr=a.lr, seed=a.seed, resume=a.resume)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,23 @@
+"""Helpers for model tests (a uniquely named module: tests/ has no packages)."""
+
+from __future__ import annotations
+
+import torch
+
+ARCHS = ["minigpt4", "minigpt4_patch", "llava"]
+
+
+def make_inputs(model, tok, batch: int = 2, seed: int = 0, images_per_row: int = 1):
+    """input_ids = BOS, some text, N image tokens per image, more text; random pixels; labels."""
+    from mmalign.model import num_image_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    n = num_image_tokens(model.config)
+    text = tok("a red circle", add_special_tokens=False)["input_ids"]
+    tail = tok(" above a blue square.", add_special_tokens=False)["input_ids"]
+    row = [tok.bos_token_id, *text, *([model.config.image_token_index] * n * images_per_row), *tail]
+    input_ids = torch.tensor([row] * batch)
+    size = model.config.vision_config.image_size
+    pixel_values = torch.randn(batch * images_per_row, 3, size, size, generator=g)
+    labels = input_ids.masked_fill(input_ids == model.config.image_token_index, -100)
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values, labels=labels)
