@@ -94,7 +94,7 @@ def _toy(a: argparse.Namespace) -> None:
     if a.what == "data":
         run.write_toy_data(Path(a.out))
     else:
-        run.main_job(Path(a.out), quick=a.quick)
+        run.main_job(Path(a.out), quick=a.quick, overrides=tuple(a.overrides))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,9 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     y.add_argument("what", choices=["data", "run"])
     y.add_argument("--out", default="runs/toy")
     y.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    y.add_argument("overrides", nargs="*", help="section.key=value for both stages, e.g. model.llm=DIR")
     y.set_defaults(fn=_toy)
 
-    a = p.parse_args(argv)
+    a, extra = p.parse_known_args(argv)  # `section.key=value` overrides may follow the options too
+    if not hasattr(a, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        a.overrides = [*a.overrides, *extra]
     a.fn(a)
 
 

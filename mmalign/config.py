@@ -19,6 +19,8 @@ import yaml
 class ModelConfig:
     recipe: str | None = None  # a named recipe (mmalign.recipes) to build from backbones
     path: str | None = None  # or an existing mmalign / HF folder or hub id to continue from
+    vision: str | None = None  # replace the recipe's vision backbone (hub id / local folder)
+    llm: str | None = None  # replace the recipe's LLM (hub id / local folder)
     init_trainable: str | None = None  # a training checkpoint whose trainable tensors are loaded (stage 1 -> 2)
     dtype: str = "float32"
     device: str = "cpu"

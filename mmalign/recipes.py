@@ -50,7 +50,7 @@ RECIPES: dict[str, Recipe] = {
             # No Q-Former: ViT-g patch tokens (CLS dropped), 4 consecutive tokens concatenated, Linear 5632 -> 4096.
             ModelSpec(
                 arch="minigpt4_patch", vision="Salesforce/blip2-flan-t5-xxl", llm="meta-llama/Llama-2-7b-chat-hf",
-                merge_tokens=4, patch_merge="sequential", vision_feature_layer=-1,
+                merge_tokens=4, patch_merge="sequential", vision_feature_layer="auto",  # ln_vision output
             ),  # fmt: skip
             "llama2",
             "minigpt4_caption",
@@ -73,7 +73,7 @@ RECIPES: dict[str, Recipe] = {
             # 2 x 2 neighbouring patch tokens joined (one token per grid cell of the toy world).
             ModelSpec(
                 arch="minigpt4_patch", vision=str(TOY_ASSETS / "vision"), llm=str(TOY_ASSETS / "llm"),
-                merge_tokens=4, patch_merge="grid", vision_feature_layer=-1,
+                merge_tokens=4, patch_merge="grid", vision_feature_layer="auto",
             ),  # fmt: skip
             "minigpt4_v0",
             "minigpt4_caption",

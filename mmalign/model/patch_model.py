@@ -44,9 +44,10 @@ class MiniGPT4PatchConfig(LlavaConfig):
     ``patch_merge="sequential"`` is the originals' ``view(bs, n // 4, 4 * hidden)`` over
     consecutive raster-order tokens (for a 16x16 grid: 4 tokens of one row); ``"grid"`` groups
     ``s x s`` spatial neighbours (``merge_tokens == s * s``, square grid with side divisible by s).
-    ``vision_feature_layer=None`` uses the tower's ``last_hidden_state`` (for ``Blip2VisionModel``
-    that includes ``post_layernorm`` == MiniGPT-4's ``ln_vision``, the originals' exact input);
-    an int selects ``hidden_states[layer]`` like Llava.
+    ``vision_feature_layer=None`` (default) uses the tower's ``last_hidden_state``: for
+    ``Blip2VisionModel`` that includes ``post_layernorm`` == MiniGPT-4's ``ln_vision``, the
+    originals' exact input, which ``hidden_states[-1]`` (pre-norm) is not; for CLIP both are
+    equal. An int selects ``hidden_states[layer]`` like Llava.
     """
 
     model_type = "minigpt4_patch"
@@ -58,7 +59,7 @@ class MiniGPT4PatchConfig(LlavaConfig):
     }
 
     image_seq_length: int = 64
-    vision_feature_layer: int | None = -1
+    vision_feature_layer: int | None = None
     merge_tokens: int = 4
     patch_merge: Literal["sequential", "grid"] = "sequential"
 
@@ -71,14 +72,15 @@ class MiniGPT4PatchConfig(LlavaConfig):
         if isinstance(self.vision_feature_layer, (list, tuple)):
             raise ValueError("minigpt4_patch takes one vision_feature_layer (an int) or None")
         side = _grid_side(self.vision_config)
-        if (side * side) % self.merge_tokens:
-            raise ValueError(f"{side * side} patches do not split into groups of {self.merge_tokens}")
+        n = side * side + (self.vision_feature_select_strategy == "full")  # CLS kept by "full"
+        if n % self.merge_tokens:
+            raise ValueError(f"{n} vision tokens do not split into groups of {self.merge_tokens}")
         if self.patch_merge == "grid":
             s = math.isqrt(self.merge_tokens)
-            if s * s != self.merge_tokens or side % s:
+            if n != side * side or s * s != self.merge_tokens or side % s:
                 raise ValueError(
                     f"patch_merge='grid' needs merge_tokens = s*s with s dividing the grid side "
-                    f"{side}; got merge_tokens={self.merge_tokens}"
+                    f"{side} (and CLS dropped); got merge_tokens={self.merge_tokens}"
                 )
 
 
@@ -94,7 +96,7 @@ def merge_patches(features: torch.Tensor, merge_tokens: int, mode: str = "sequen
     """(b, n, c) patch tokens in raster order -> (b, n // merge_tokens, merge_tokens * c)."""
     b, n, c = features.shape
     if n % merge_tokens:
-        raise ValueError(f"{n} patch tokens do not split into groups of {merge_tokens}")
+        raise ValueError(f"{n} vision tokens do not split into groups of {merge_tokens}")
     if mode == "sequential":
         return features.reshape(b, n // merge_tokens, merge_tokens * c)
     if mode != "grid":

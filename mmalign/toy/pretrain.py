@@ -104,7 +104,7 @@ def short_description(scene: tw.Scene) -> str:
 
 def scene_in_words(scene: tw.Scene, rng: random.Random) -> str:
     """How the text-only LLM sees an image: the listing inside the template's image tags."""
-    return f"<Img> {tw.listing(scene, rng)} </Img>"
+    return f"<Img> {tw.listing(scene)} </Img>"  # raster order: the order image tokens come in
 
 
 def text_chat(scene: tw.Scene, rng: random.Random) -> tuple[list[dict], str | None]:
@@ -123,7 +123,7 @@ def text_chat(scene: tw.Scene, rng: random.Random) -> tuple[list[dict], str | No
     for qa in qas[: rng.randint(2, 6)]:
         turns += [{"role": "user", "content": qa.question}, {"role": "assistant", "content": qa.answer}]
     turns[0] = {"role": "user", "content": f"{scene_in_words(scene, rng)} {turns[0]['content']}"}
-    system = get_template("minigpt4_v0").system if rng.random() < 0.3 else None
+    system = get_template("minigpt4_v0").system if rng.random() < 0.1 else None
     return turns, system
 
 
@@ -132,7 +132,7 @@ def encode_text_example(tokenizer, scene: tw.Scene, rng: random.Random) -> dict:
     from mmalign.prompts import encode_conversation, get_template
 
     if rng.random() < 0.15:  # [BOS] scene caption "\n": what stage 1 will ask of the LLM
-        prefix = [tokenizer.bos_token_id] + tokenizer.encode(tw.listing(scene, rng), add_special_tokens=False)
+        prefix = [tokenizer.bos_token_id] + tokenizer.encode(tw.listing(scene), add_special_tokens=False)
         target = tokenizer.encode(" " + tw.caption(scene, rng) + "\n", add_special_tokens=False)
         return {"input_ids": prefix + target, "labels": [-100] * len(prefix) + target}
     turns, system = text_chat(scene, rng)
@@ -218,18 +218,17 @@ def train_llm(
     seeds = iter(range(10**9))
     deadline = time.time() + minutes * 60
     log = open(out / "pretrain_log.jsonl", "a" if resume else "w")
-    step, est_total = 0, None
+    step = 0
     bar = tqdm(desc="llm pretrain", unit="step")
     while time.time() < deadline:
         batch = _pad_batch(
             [encode_text_example(tokenizer, tw.make_scene(next(seeds)), rng) for _ in range(batch_size)],
             tokenizer.pad_token_id,
         )
-        # warmup then cosine over the wall-clock budget (steps estimated after the first 20)
-        if step == 20:
-            est_total = int(20 * minutes * 60 / (time.time() - t0))
-        frac = step / est_total if est_total else 0.0
-        cur = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+        # warmup, flat, then cosine over the last 40% of the wall-clock budget (robust to a busy CPU)
+        frac = 1 - (deadline - time.time()) / (minutes * 60)
+        decay = 0.0 if frac < 0.6 else (frac - 0.6) / 0.4
+        cur = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(decay, 1.0))))
         for g in opt.param_groups:
             g["lr"] = cur
         loss = model(**batch).loss
@@ -237,15 +236,14 @@ def train_llm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step == 0:
-            t0 = time.time()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{cur:.1e}")
         rec = {"step": step, "loss": loss.item(), "lr": cur}
-        if step % 400 == 0:
+        if step % 400 == 0:  # a look at the gate, and a save a kill cannot take away
             rec["gate"] = text_only_gate(model, tokenizer, n_scenes=40)
             tqdm.write(json.dumps(rec))
+            model.save_pretrained(out)
         log.write(json.dumps(rec) + "\n")
         log.flush()
     bar.close()

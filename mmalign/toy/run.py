@@ -46,7 +46,7 @@ def write_toy_data(out: Path, n_stage1: int = STAGE1_PAIRS, n_stage2: int = STAG
     return {"stage1": s1 / "captions.json", "stage2": s2 / "filter_cap.json"}
 
 
-def main_job(out: Path, quick: bool = False) -> dict:
+def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
     from mmalign.config import load_config
     from mmalign.evaluate.report import write_toy_report
     from mmalign.evaluate.toy import evaluate_toy
@@ -58,10 +58,10 @@ def main_job(out: Path, quick: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = write_toy_data(out / "data", *((512, 256) if quick else ()))
     steps = ["train.max_steps=4", "train.save_every=2"] if quick else []
-    cfg1 = load_config(CONFIGS / "toy_stage1.yaml", [f"data.path={data['stage1']}", f"train.output_dir={out / 'stage1'}", *steps])
+    cfg1 = load_config(CONFIGS / "toy_stage1.yaml", [f"data.path={data['stage1']}", f"train.output_dir={out / 'stage1'}", *steps, *overrides])
     ckpt1 = train(cfg1)
     cfg2 = load_config(CONFIGS / "toy_stage2.yaml",
-                       [f"data.path={data['stage2']}", f"train.output_dir={out / 'stage2'}", f"model.init_trainable={ckpt1}", *steps])  # fmt: skip
+                       [f"data.path={data['stage2']}", f"train.output_dir={out / 'stage2'}", f"model.init_trainable={ckpt1}", *steps, *overrides])  # fmt: skip
     ckpt2 = train(cfg2)
 
     results = {}

@@ -20,4 +20,5 @@ def make_inputs(model, tok, batch: int = 2, seed: int = 0, images_per_row: int =
     size = model.config.vision_config.image_size
     pixel_values = torch.randn(batch * images_per_row, 3, size, size, generator=g)
     labels = input_ids.masked_fill(input_ids == model.config.image_token_index, -100)
-    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values, labels=labels)
+    mask = torch.ones_like(input_ids)
+    return dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, labels=labels)

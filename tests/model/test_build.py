@@ -111,7 +111,8 @@ def test_loads_pretrained_parts_from_folders(tmp_path, build, tiny_spec):
     lm = LlamaForCausalLM(donor.config.text_config)
     lm.save_pretrained(tmp_path / "llm")
     tok.save_pretrained(tmp_path / "llm")
-    spec = tiny_spec("minigpt4", vision=None, qformer=str(tmp_path / "blip2"), llm=str(tmp_path / "llm"), tokenizer=None)
+    blip2, llm = str(tmp_path / "blip2"), str(tmp_path / "llm")
+    spec = tiny_spec("minigpt4", vision=None, qformer=blip2, llm=llm, tokenizer=None)
     torch.manual_seed(2)
     model, tok2 = build_model(spec)
     sd, donor_sd, lm_sd = model.state_dict(), donor.state_dict(), lm.state_dict()
@@ -156,3 +157,26 @@ def test_vision_tower_from_full_clip_bin_checkpoint(tmp_path, tiny_spec):
     tower = model.model.vision_tower.state_dict()
     donor = clip.state_dict()
     assert tower and all(torch.equal(v, donor["vision_model." + k]) for k, v in tower.items())
+
+
+def test_image_transform_pads_to_square_with_mean_colour(build):
+    from PIL import Image
+
+    from mmalign.model import image_transform_for
+
+    model, _ = build("llava")
+    img = Image.new("RGB", (64, 32), (255, 255, 255))
+    x = image_transform_for(model)(img)
+    assert x.shape == (3, 32, 32) and x.min() > 1  # center crop: all white
+    y = image_transform_for(model, pad_to_square=True)(img)
+    assert y.shape == (3, 32, 32)
+    assert y[:, 0, 0].abs().max() < 0.02 and y[:, 16, 16].min() > 1  # mean-colour band, white middle
+
+
+def test_minigpt4_takes_qformer_from_a_blip2_vision_checkpoint(tmp_path, build, tiny_spec):
+    donor, _ = build("minigpt4", seed=1)
+    donor.save_pretrained(tmp_path / "blip2")
+    model, _ = build_model(tiny_spec("minigpt4", vision=str(tmp_path / "blip2"), qformer=None))
+    assert torch.equal(model.query_tokens, donor.query_tokens)
+    for k, v in donor.qformer.state_dict().items():
+        assert torch.equal(model.qformer.state_dict()[k], v), k

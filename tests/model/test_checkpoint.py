@@ -115,3 +115,27 @@ def test_export_then_load_model(tmp_path, build, arch):
     torch.testing.assert_close(_logits(loaded.eval(), inputs), _logits(model, inputs))
     image_processor = AutoImageProcessor.from_pretrained(tmp_path / "out")  # nested in processor_config for llava
     assert image_processor(images=Image.new("RGB", (9, 9)), return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_template_recorded_by_export(tmp_path, build):
+    from mmalign.model import template_of
+
+    model, tok = build("minigpt4_patch")
+    export(model, tok, tmp_path / "a", template="minigpt4_v0")
+    assert template_of(tmp_path / "a") == "minigpt4_v0"
+    export(model, tok, tmp_path / "b")
+    assert template_of(tmp_path / "b") == "llama2"  # the published default of the architecture
+
+
+def test_model_from_config_loads_a_path(tmp_path, build):
+    from types import SimpleNamespace
+
+    from mmalign.model import model_from_config
+
+    model, tok = build("llava")
+    export(model, tok, tmp_path / "m")
+    cfg = SimpleNamespace(
+        path=str(tmp_path / "m"), recipe=None, dtype="bfloat16", device="cpu", attn_implementation=None
+    )
+    loaded, _ = model_from_config(cfg)
+    assert type(loaded) is type(model) and loaded.dtype == torch.bfloat16

@@ -81,3 +81,12 @@ def test_regex_specs_and_all_policies_resolve(build):
     assert report.counts["qformer"][0] > 0
     for name, policy in POLICIES.items():
         apply_freeze(model, policy)  # none of the named policies is empty on blip-2
+
+
+def test_report_lists_frozen_modules(build):
+    model, _ = build("minigpt4")
+    report = apply_freeze(model, "projector")
+    frozen = set(map(id, report.frozen_modules(model)))
+    assert frozen == {id(model.vision_model), id(model.qformer), id(model.language_model)}
+    report = apply_freeze(model, ["projector", "llm"])
+    assert id(model.language_model) not in set(map(id, report.frozen_modules(model)))
