@@ -9,11 +9,20 @@ import sys
 from pathlib import Path
 
 
-def _train(a: argparse.Namespace) -> None:
+def _load_config(a: argparse.Namespace):
+    """The run config; a bad key or value is a command-line error naming it, not a traceback."""
     from mmalign.config import load_config
+
+    try:
+        return load_config(a.config, a.overrides)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"mmalign {a.verb}: error: {e.args[0] if e.args else e}") from None
+
+
+def _train(a: argparse.Namespace) -> None:
     from mmalign.train.loop import train
 
-    print(train(load_config(a.config, a.overrides)))
+    print(train(_load_config(a)))
 
 
 def _chat(a: argparse.Namespace) -> None:
@@ -77,11 +86,10 @@ def _eval(a: argparse.Namespace) -> None:
 
 
 def _export(a: argparse.Namespace) -> None:
-    from mmalign.config import load_config
     from mmalign.model import export, image_processor_for, load_trainable
     from mmalign.model.build import model_from_config
 
-    cfg = load_config(a.config, a.overrides)
+    cfg = _load_config(a)
     model, tokenizer = model_from_config(cfg.model)
     load_trainable(model, a.checkpoint, strict=False)
     export(model, tokenizer, a.out, image_processor=image_processor_for(model), template=cfg.data.template)
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     y.set_defaults(fn=_toy)
 
     a, extra = p.parse_known_args(argv)  # `section.key=value` overrides may follow the options too
-    if not hasattr(a, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+    if extra and (not hasattr(a, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         a.overrides = [*a.overrides, *extra]

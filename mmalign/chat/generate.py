@@ -18,10 +18,15 @@ from mmalign.prompts import Template, build_generation_prompt, get_template, sto
 
 
 def generation_kwargs(tokenizer: Any, template: Template, **overrides: Any) -> dict[str, Any]:
-    """Greedy by default (evaluation is greedy); stop on EOS and the template's turn end."""
+    """Greedy by default (evaluation is greedy); stop on EOS and the template's turn end.
+
+    A turn end such as `###` is not one token in every context (Vicuna and the toy tokenizer
+    split it after a word), so it is matched as a stop *string*, as MiniGPT-4's own stopping
+    criteria do; single-token stops are also passed as EOS ids.
+    """
     eos = [tokenizer.eos_token_id, *stop_token_ids(tokenizer, template)]
     kw = {"max_new_tokens": 128, "do_sample": False, "num_beams": 1, "pad_token_id": tokenizer.pad_token_id,
-          "eos_token_id": sorted(set(eos))}  # fmt: skip
+          "eos_token_id": sorted(set(eos)), "stop_strings": list(template.stop), "tokenizer": tokenizer}  # fmt: skip
     kw.update({k: v for k, v in overrides.items() if v is not None})
     if not kw.get("do_sample"):
         kw.pop("temperature", None), kw.pop("top_p", None)

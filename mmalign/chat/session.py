@@ -73,25 +73,55 @@ class ChatSession:
         except ValueError:
             self.turns.pop()
             raise
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = generation_kwargs(self.tokenizer, self.template, **gen)
-        worker = threading.Thread(target=self.model.generate, kwargs={**inputs, **kwargs, "streamer": streamer})
-        worker.start()
         answer, shown = "", 0
-        for piece in streamer:
-            answer += piece
-            visible, stopped = _cut_at_stop(answer, self.template.stop)
-            hold = 0 if stopped else _stop_prefix_len(visible, self.template.stop)
-            if len(visible) - hold > shown:
-                yield visible[shown : len(visible) - hold]
-                shown = len(visible) - hold
-            if stopped:
-                break
-        worker.join()
+        pieces = self._generate(inputs, kwargs)
+        try:
+            for piece in pieces:
+                answer += piece
+                visible, stopped = _cut_at_stop(answer, self.template.stop)
+                hold = 0 if stopped else _stop_prefix_len(visible, self.template.stop)
+                if len(visible) - hold > shown:
+                    yield visible[shown : len(visible) - hold]
+                    shown = len(visible) - hold
+                if stopped:
+                    break
+        except Exception:
+            self.turns.pop()  # no answer: the conversation stays as it was
+            raise
+        finally:
+            pieces.close()  # waits for the generating thread
         visible, _ = _cut_at_stop(answer, self.template.stop)
         if len(visible) > shown:
             yield visible[shown:]
         self.turns.append({"role": "assistant", "content": visible.strip()})
+
+    def _generate(self, inputs: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> Iterator[str]:
+        """Decoded text as it is generated. An error in the generating thread is raised here
+        (else the streamer would wait for text forever); beam search, which transformers cannot
+        stream, comes as one piece."""
+        if kwargs.get("num_beams", 1) > 1:
+            out = self.model.generate(**inputs, **kwargs)
+            yield self.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            return
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.model.generate(**inputs, **kwargs, streamer=streamer)
+            except BaseException as e:
+                errors.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        try:
+            yield from streamer
+        finally:
+            worker.join()
+        if errors:
+            raise errors[0]
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -63,7 +63,9 @@ def train_tokenizer(out: Path, vocab_size: int = 640) -> None:
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # prefix space, like Llama's SentencePiece: an answer tokenized on its own ("red") gets the same
+    # token as the word inside a sentence (" red"), so the LLM can copy it from its context
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()

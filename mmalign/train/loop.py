@@ -102,9 +102,12 @@ def train(cfg: RunConfig) -> Path:
     pad_id = tokenizer.pad_token_id
 
     def loader() -> DataLoader:
+        # its own generator: a loader draws its base seed at iter(), and a draw from the global
+        # torch RNG (checkpointed) would make a resumed run's dropout differ from the original's
         return DataLoader(
             dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
             collate_fn=lambda b: collate(b, pad_id), drop_last=False,
+            generator=torch.Generator().manual_seed(tc.seed + sampler.epoch),
         )  # fmt: skip
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,234 @@
+"""ChatSession on a tiny random model: streaming, stop strings, turns, image handling."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+import mmalign.chat.session as session_mod
+from mmalign.chat.generate import generate_batch
+from mmalign.chat.session import ChatSession, _cut_at_stop, _stop_prefix_len
+from mmalign.model import build_model, image_transform_for, num_image_tokens
+from mmalign.prompts import get_template
+
+TEMPLATE = "minigpt4_v0"
+MARKER = get_template(TEMPLATE).image_marker  # "<Img><ImageHere></Img>"
+
+
+@pytest.fixture
+def tiny(tiny_spec):
+    torch.manual_seed(0)
+    return build_model(tiny_spec("minigpt4_patch"))
+
+
+@pytest.fixture
+def session(tiny):
+    model, tok = tiny
+    return ChatSession(model, tok, TEMPLATE, image_transform_for(model))
+
+
+@pytest.fixture
+def calls(session, monkeypatch):
+    """Record the inputs of every `model.generate` call (the real generate still runs)."""
+    seen: list[dict] = []
+    real = session.model.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(session.model, "generate", spy)
+    return seen
+
+
+def red() -> Image.Image:
+    return Image.new("RGB", (40, 30), (200, 20, 20))
+
+
+def n_image_tokens(ids: torch.Tensor, model) -> int:
+    return int((ids == model.config.image_token_index).sum())
+
+
+def test_stream_joins_to_the_recorded_answer_and_matches_batch_generation(session, calls):
+    session.set_image(red())
+    pieces = list(session.ask("What color is the circle?", max_new_tokens=12))
+
+    assert len(session.turns) == 2 and session.turns[1]["role"] == "assistant"
+    answer = session.turns[1]["content"]
+    assert "".join(pieces).strip() == answer
+    assert all(pieces) and "###" not in "".join(pieces)
+    (call,) = calls
+    # the same greedy answer as batch generation from the same prompt
+    model, tok = session.model, session.tokenizer
+    want = generate_batch(model, tok, TEMPLATE, [(session.image, session.turns[:1])], session.image_transform,
+                          system=session.system, max_new_tokens=12)  # fmt: skip
+    assert answer == want[0]
+    assert call["pixel_values"].shape == (1, 3, 32, 32)
+    assert n_image_tokens(call["input_ids"], model) == num_image_tokens(model.config)
+    assert call["do_sample"] is False and call["max_new_tokens"] == 12 and "streamer" in call
+
+
+def test_multi_turn_marks_the_image_only_in_the_first_user_turn(session, calls):
+    session.set_image(red())
+    list(session.ask("What is this?", max_new_tokens=4))
+    list(session.ask("And the color?", max_new_tokens=4))
+
+    roles = [t["role"] for t in session.turns]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    assert session.turns[0]["content"] == f"{MARKER} What is this?"
+    assert session.turns[2]["content"] == "And the color?"
+    assert sum(t["content"].count("<ImageHere>") for t in session.turns) == 1
+    n = num_image_tokens(session.model.config)
+    first, second = calls[0]["input_ids"][0], calls[1]["input_ids"][0]
+    assert n_image_tokens(first, session.model) == n_image_tokens(second, session.model) == n
+    assert "pixel_values" in calls[1]  # every turn sees the image
+    assert len(second) > len(first) and torch.equal(second[: len(first)], first)  # history is a prefix
+
+
+def test_set_image_starts_a_new_conversation(session, calls):
+    session.set_image(red())
+    list(session.ask("What is this?", max_new_tokens=3))
+    blue = Image.new("L", (32, 32), 90)  # grey-scale input is converted
+    session.set_image(blue)
+    assert session.turns == [] and session.image.mode == "RGB"
+
+    list(session.ask("Describe it.", max_new_tokens=3))
+    assert session.turns[0]["content"] == f"{MARKER} Describe it."
+    assert len(session.turns) == 2
+    expect = session.image_transform(session.image)[None]
+    assert torch.equal(calls[-1]["pixel_values"], expect)
+
+    session.reset()
+    assert session.turns == [] and session.image is None
+
+
+def test_text_only_chat_has_no_image_tokens(session, calls):
+    list(session.ask("How many shapes are there?", max_new_tokens=3))
+    assert session.turns[0]["content"] == "How many shapes are there?"
+    assert "pixel_values" not in calls[0]
+    assert n_image_tokens(calls[0]["input_ids"], session.model) == 0
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n"])
+def test_empty_message_raises(session, text):
+    session.set_image(red())
+    with pytest.raises(ValueError, match="empty"):
+        list(session.ask(text))
+    assert session.turns == []
+
+
+def test_over_long_conversation_raises_and_keeps_the_turns(tiny):
+    model, tok = tiny
+    s = ChatSession(model, tok, TEMPLATE, image_transform_for(model), max_context=10)
+    s.set_image(red())
+    with pytest.raises(ValueError, match="max_context"):
+        list(s.ask("Describe this image in detail."))
+    assert s.turns == []
+
+
+class ScriptedStreamer:
+    """Stands in for TextIteratorStreamer: yields SCRIPT as the decoded pieces."""
+
+    SCRIPT: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __iter__(self):
+        return iter(list(self.SCRIPT))
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize(
+    "script, shown, answer",
+    [
+        (["abc", "#", "#", "#", "def"], ["abc"], "abc"),  # a stop split over pieces never shows
+        (["abc", "#", "#", "x", " more"], ["abc", "##x", " more"], "abc##x more"),  # a false alarm is released
+        (["The circle.###Human: ", "what"], ["The circle."], "The circle."),
+        ([" red ", "#"], [" red ", "#"], "red #"),  # a held tail is shown at the end
+    ],
+)
+def test_stop_string_is_cut_while_streaming(session, monkeypatch, script, shown, answer):
+    monkeypatch.setattr(session_mod, "TextIteratorStreamer", ScriptedStreamer)
+    monkeypatch.setattr(ScriptedStreamer, "SCRIPT", script)
+    monkeypatch.setattr(session.model, "generate", lambda **kw: None)
+    session.set_image(red())
+    assert list(session.ask("hi")) == shown
+    assert session.turns[-1] == {"role": "assistant", "content": answer}
+
+
+def _consume(gen, timeout: float = 30.0):
+    """Drain `gen` in a thread so a hang fails the test instead of blocking the suite."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["pieces"] = list(gen)
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "ask() hung"
+    return out
+
+
+def test_generation_error_is_raised_not_hung(session, monkeypatch):
+    def boom(**kwargs):
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(session.model, "generate", boom)
+    session.set_image(red())
+    out = _consume(session.ask("hi"))
+    assert isinstance(out.get("error"), RuntimeError)
+    assert session.turns == []  # the failed question is not left dangling
+
+
+def test_beam_search_answers_in_one_piece(session):
+    # transformers refuses to stream beam search; the chat (`--num-beams`) must still answer
+    session.set_image(red())
+    out = _consume(session.ask("What is this?", num_beams=2, max_new_tokens=5))
+    assert "error" not in out, out.get("error")
+    assert len(out["pieces"]) <= 1
+    assert "".join(out["pieces"]).strip() == session.turns[-1]["content"]
+    model, tok = session.model, session.tokenizer
+    want = generate_batch(model, tok, TEMPLATE, [(session.image, session.turns[:1])], session.image_transform,
+                          system=session.system, num_beams=2, max_new_tokens=5)  # fmt: skip
+    assert session.turns[-1]["content"] == want[0]
+
+
+@pytest.mark.parametrize(
+    "text, cut",
+    [
+        ("abc###def", ("abc", True)),
+        ("abc", ("abc", False)),
+        ("###", ("", True)),
+        ("a##b###c###", ("a##b", True)),
+        ("abc##", ("abc##", False)),
+    ],
+)
+def test_cut_at_stop(text, cut):
+    assert _cut_at_stop(text, ("###",)) == cut
+
+
+def test_cut_at_stop_takes_the_earliest_of_several_stops():
+    assert _cut_at_stop("ab</s>cd###", ("###", "</s>")) == ("ab", True)
+
+
+@pytest.mark.parametrize(
+    "text, hold",
+    [("abc#", 1), ("abc##", 2), ("abc", 0), ("", 0), ("#a", 0), ("abc# ", 0)],
+)
+def test_stop_prefix_len(text, hold):
+    assert _stop_prefix_len(text, ("###",)) == hold
+
+
+def test_stop_prefix_len_longest_over_stops():
+    assert _stop_prefix_len("ok</s", ("###", "</s>")) == 3
+    assert _stop_prefix_len("ok<", ("###", "</s>")) == 1

@@ -1,0 +1,336 @@
+"""The training loop end to end on a tiny exported model and a tiny on-disk dataset (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import mmalign.train.loop as loop
+from mmalign.config import load_config
+from mmalign.model import build_model, export, image_processor_for
+from mmalign.model.checkpoint import WEIGHTS
+from mmalign.train.loop import STATE_FILE, ResumableSampler, latest_checkpoint, train
+
+PROJECTOR = "model.multi_modal_projector."
+CAPTIONS = [
+    "a red circle above a blue square",
+    "a green triangle left of a small yellow star",
+    "there are three shapes",
+    "a blue square",
+    "a small yellow star",
+]
+COLORS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 220, 20), (120, 120, 120)]
+
+
+@pytest.fixture
+def model_dirs(tmp_path_factory, tiny_spec):
+    """``model_dirs(arch)``: a tiny exported folder of ``arch``."""
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            torch.manual_seed(0)
+            model, tok = build_model(tiny_spec(arch))
+            out = tmp_path_factory.mktemp(f"tiny_{arch}")
+            export(model, tok, out, image_processor=image_processor_for(model), template="minigpt4_v0")
+            made[arch] = out
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture
+def model_dir(model_dirs) -> Path:
+    """A tiny minigpt4_patch folder (32 px images -> 4 image tokens)."""
+    return model_dirs("minigpt4_patch")
+
+
+def _image(path: Path, color, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(color)[None, None] + rng.integers(-20, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG")
+
+
+def caption_data(root: Path, n: int = 5) -> Path:
+    """`[{"image": "images/i.jpg", "caption": ...}]` with n records."""
+    recs = []
+    for i in range(n):
+        _image(root / "images" / f"{i}.jpg", COLORS[i % len(COLORS)], seed=i)
+        recs.append({"image": f"images/{i}.jpg", "caption": CAPTIONS[i % len(CAPTIONS)]})
+    path = root / "caps.json"
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def cc_sbu_align(root: Path, n: int = 4) -> Path:
+    """MiniGPT-4's stage-2 layout: filter_cap.json + image/{image_id}.jpg."""
+    anns = []
+    for i in range(n):
+        _image(root / "image" / f"{100 + i}.jpg", COLORS[i % len(COLORS)], seed=10 + i)
+        anns.append({"image_id": str(100 + i), "caption": CAPTIONS[i % len(CAPTIONS)].capitalize() + "."})
+    path = root / "filter_cap.json"
+    path.write_text(json.dumps({"annotations": anns}))
+    return path
+
+
+def config(model_dir: Path, data: Path, out: Path, *overrides: str):
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.path={data}",
+            f"train.output_dir={out}",
+            "train.batch_size=2",
+            "train.lr=1e-2",
+            "train.min_lr=1e-3",
+            "train.log_every=1",
+            *overrides,
+        ],
+    )
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(out: Path) -> dict[int, float]:
+    """The last logged loss of each step (a resumed run re-logs the steps after its checkpoint)."""
+    return {m["step"]: m["loss"] for m in metrics(out)}
+
+
+@pytest.fixture
+def capture_model(monkeypatch):
+    """Keep the model the loop builds, with a copy of its initial state."""
+    seen: dict = {}
+    real = loop.model_from_config
+
+    def spy(cfg):
+        model, tok = real(cfg)
+        seen["model"] = model
+        seen["initial"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return model, tok
+
+    monkeypatch.setattr(loop, "model_from_config", spy)
+    return seen
+
+
+def test_stage1_lowers_loss_saves_and_keeps_frozen_tensors(tmp_path, model_dir, capture_model):
+    data = caption_data(tmp_path / "data", n=2)  # one batch of 2, seen at every step
+    out = tmp_path / "run"
+    cfg = config(model_dir, data, out, "data.source=captions", "train.trainable=projector",
+                 "train.max_steps=30", "train.save_every=10", "train.keep_checkpoints=2")  # fmt: skip
+    final = train(cfg)
+
+    assert final == out / "checkpoint-30"
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == list(range(1, 31))
+    assert all(np.isfinite(m["loss"]) and m["answer_tokens"] > 0 for m in logged)
+    first, last = np.mean([m["loss"] for m in logged[:5]]), np.mean([m["loss"] for m in logged[-5:]])
+    assert last < first - 0.05 and logged[-1]["loss"] < logged[0]["loss"] - 0.2, (first, last)
+    assert logged[0]["lr"] > logged[-1]["lr"] >= 1e-3 - 1e-12  # cosine down to the floor
+
+    # keep_checkpoints=2: the oldest (10) is gone; no half-written folder left behind
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["checkpoint-20", "checkpoint-30", "config.json", "data_report.json", "metrics.jsonl"]
+    assert (final / STATE_FILE).is_file()
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["total"] == 0 and report["truncated"] == 0
+    assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 30
+
+    model, initial = capture_model["model"], capture_model["initial"]
+    saved = load_file(str(final / WEIGHTS))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(PROJECTOR) for n in trainable)
+    assert set(saved) == trainable
+    for name, tensor in model.state_dict().items():
+        if name in trainable:
+            assert torch.equal(saved[name], tensor.detach()), name  # checkpoint = the trained tensors
+            assert not torch.equal(tensor, initial[name]), f"{name} did not train"
+        else:
+            assert torch.equal(tensor, initial[name]), f"frozen {name} changed"
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "arch, trainable, source",
+    [
+        ("minigpt4_patch", "projector", "captions"),
+        # conversations draw a random instruction per sample: the RNG state must resume too
+        ("minigpt4_patch", "projector", "conversations"),
+        # the Q-Former trains with dropout: the torch RNG stream must be the same after resume
+        ("minigpt4", "all", "captions"),
+    ],
+)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, model_dirs, monkeypatch, arch, trainable, source):
+    # 5 records, batch 2: 3 batches per epoch (last one partial), so step 4 is mid-epoch 2
+    model_dir = model_dirs(arch)
+    data = caption_data(tmp_path / "data", n=5)
+    common = (f"data.source={source}", f"train.trainable={trainable}", "train.max_steps=8", "train.save_every=4",
+              "train.keep_checkpoints=5", "train.warmup_steps=2", "train.lr=1e-3")  # fmt: skip
+    a_out, b_out = tmp_path / "a", tmp_path / "b"
+    train(config(model_dir, data, a_out, *common))
+
+    # run B is killed in the middle of step 6: after checkpoint-4, with step 5 already logged
+    real_check, calls = loop.check_image_tokens, {"n": 0}
+
+    def dying_check(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise Killed
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "check_image_tokens", dying_check)
+    with pytest.raises(Killed):
+        train(config(model_dir, data, b_out, *common))
+    monkeypatch.setattr(loop, "check_image_tokens", real_check)
+    assert latest_checkpoint(b_out) == b_out / "checkpoint-4"
+    assert not (b_out / "checkpoint-8").exists()
+    assert [m["step"] for m in metrics(b_out)] == [1, 2, 3, 4, 5]
+
+    final = train(config(model_dir, data, b_out, *common))  # resumes from checkpoint-4
+
+    assert final == b_out / "checkpoint-8"
+    assert [m["step"] for m in metrics(b_out)] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    la, lb = losses_by_step(a_out), losses_by_step(b_out)
+    assert sorted(la) == sorted(lb) == list(range(1, 9))
+    for step in range(1, 9):
+        assert lb[step] == pytest.approx(la[step], abs=1e-5), (step, la, lb)
+    assert len({la[s] for s in range(5, 9)}) > 1  # the losses differ per batch: the order is tested
+    lr_a = {m["step"]: m["lr"] for m in metrics(a_out)}
+    lr_b = {m["step"]: m["lr"] for m in metrics(b_out)}
+    assert lr_b == pytest.approx(lr_a)
+    wa, wb = load_file(str(a_out / "checkpoint-8" / WEIGHTS)), load_file(str(b_out / "checkpoint-8" / WEIGHTS))
+    assert set(wa) == set(wb) and wa
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6)
+    sa = torch.load(a_out / "checkpoint-8" / STATE_FILE, weights_only=False)
+    sb = torch.load(b_out / "checkpoint-8" / STATE_FILE, weights_only=False)
+    assert (sa["step"], sa["epoch"], sa["consumed"]) == (sb["step"], sb["epoch"], sb["consumed"])
+
+
+def _bad_first_layout(n: int, bad: int, seed: int) -> list[bool]:
+    """Which record indices to make bad so that the seeded sampler visits them first."""
+    order = list(ResumableSampler(n, seed))
+    is_bad = [False] * n
+    for i in order[:bad]:
+        is_bad[i] = True
+    return is_bad
+
+
+def test_bad_records_are_counted_logged_and_skipped(tmp_path, model_dir, caplog):
+    root = tmp_path / "data"
+    # the dataset holds 5 records (the empty caption is dropped when reading): missing + corrupt
+    # images come first in the seeded order, so batch_size=1 x 3 steps is exactly one epoch and
+    # the loop has to pass over two all-bad (None) batches
+    is_bad = _bad_first_layout(5, 2, seed=42)
+    bad_kinds = iter(["missing", "corrupt"])
+    recs, expect = [], {}
+    good = 0
+    for i in range(5):
+        name = f"images/{i}.jpg"
+        if is_bad[i]:
+            kind = next(bad_kinds)
+            expect[kind] = (i, root / name)
+            if kind == "corrupt":
+                _image(root / name, (10, 200, 90), seed=99)
+                blob = (root / name).read_bytes()
+                (root / name).write_bytes(blob[: len(blob) // 2])  # truncated JPEG
+        else:
+            _image(root / name, COLORS[good], seed=good)
+            good += 1
+        recs.append({"image": name, "caption": CAPTIONS[i]})
+    recs.insert(5, {"image": "images/0.jpg", "caption": "   "})  # empty caption: record #5
+    data = root / "caps.json"
+    data.write_text(json.dumps(recs))
+    out = tmp_path / "run"
+    cfg = config(model_dir, data, out, "train.batch_size=1", "train.max_steps=3", "train.save_every=100")
+
+    with caplog.at_level(logging.WARNING):
+        final = train(cfg)
+
+    assert final == out / "checkpoint-3" and (final / WEIGHTS).is_file()
+    assert [m["answer_tokens"] > 0 for m in metrics(out)] == [True] * 3
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["counts"] == {"empty caption": 1, "missing image": 1, "corrupt image": 1}
+    assert report["total"] == 3
+    log_text = caplog.text
+    missing_i, missing_path = expect["missing"]
+    corrupt_i, corrupt_path = expect["corrupt"]
+    assert f"{data}#{missing_i}" in log_text and str(missing_path) in log_text
+    assert f"{data}#{corrupt_i}" in log_text and str(corrupt_path) in log_text
+    assert f"{data}#5" in log_text and "empty caption" in log_text
+    assert "missing image" in log_text and "corrupt image" in log_text
+    assert any(r.name == "mmalign.train.loop" and "skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_stage2_conversations_start_from_stage1_projector(tmp_path, model_dir, monkeypatch):
+    stage1 = train(config(model_dir, caption_data(tmp_path / "caps"), tmp_path / "s1",
+                          "train.max_steps=3", "train.save_every=3"))  # fmt: skip
+    s1 = load_file(str(stage1 / WEIGHTS))
+
+    at_freeze: dict = {}
+    real_freeze = loop.apply_freeze
+
+    def spy(model, policy):
+        at_freeze.update({n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(PROJECTOR)})
+        return real_freeze(model, policy)
+
+    monkeypatch.setattr(loop, "apply_freeze", spy)
+    data = cc_sbu_align(tmp_path / "cc_sbu_align")
+    out = tmp_path / "s2"
+    cfg = config(model_dir, data, out, "data.source=conversations", "data.template=minigpt4_v0",
+                 f"model.init_trainable={stage1}", "train.stage=stage2", "train.max_steps=2",
+                 "train.save_every=2", "train.lr=1e-3")  # fmt: skip
+    final = train(cfg)
+
+    assert set(at_freeze) == set(s1)
+    for name, tensor in s1.items():
+        assert torch.equal(at_freeze[name], tensor), name  # started from stage 1...
+    pristine = load_file(str(model_dir / "model.safetensors"))
+    assert any(not torch.equal(pristine[n], s1[n]) for n in s1 if n in pristine)  # ...which had trained
+    s2 = load_file(str(final / WEIGHTS))
+    assert set(s2) == set(s1) and any(not torch.equal(s2[n], s1[n]) for n in s1)  # and stage 2 trains on
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["total"] == 0
+    assert all(m["answer_tokens"] > 0 for m in metrics(out))
+    assert json.loads((out / "config.json").read_text())["model"]["init_trainable"] == str(stage1)
+
+
+def test_latest_checkpoint_ignores_partial_and_temp_folders(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for step in (4, 9, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / STATE_FILE).write_bytes(b"x")
+    (tmp_path / ".tmp-checkpoint-12").mkdir()  # killed while saving: a state file but no rename
+    (tmp_path / ".tmp-checkpoint-12" / STATE_FILE).write_bytes(b"x")
+    (tmp_path / "checkpoint-11").mkdir()  # no state file: not a complete checkpoint
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"  # numeric, not lexical order
+
+
+def test_resume_skips_a_half_written_checkpoint(tmp_path, model_dir):
+    data = caption_data(tmp_path / "data", n=4)
+    out = tmp_path / "run"
+    common = ("train.max_steps=4", "train.save_every=2")
+    train(config(model_dir, data, out, *common))
+    junk = out / ".tmp-checkpoint-6"
+    junk.mkdir()
+    (junk / STATE_FILE).write_bytes(b"not a torch file")
+    (junk / WEIGHTS).write_bytes(b"")
+
+    final = train(config(model_dir, data, out, "train.max_steps=6", "train.save_every=2"))  # resumes at 4
+
+    assert final == out / "checkpoint-6"
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert not junk.exists()  # the save of step 6 replaced the stale temp folder
+    assert torch.load(final / STATE_FILE, weights_only=False)["step"] == 6
