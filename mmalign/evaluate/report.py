@@ -18,6 +18,7 @@ ROWS = [
     ("object recall, detailed prompt", ("describe_long", "object_recall"), "{:.1%}"),
     ("mean words, detailed prompt", ("describe_long", "mean_words"), "{:.1f}"),
     ("repeated-trigram rate, detailed prompt", ("describe_long", "repeated_trigram_rate"), "{:.1%}"),
+    ("repeated-sentence rate, detailed prompt", ("describe_long", "repeated_sentence_rate"), "{:.1%}"),
     ("CHAIRi, short prompt", ("describe_short", "chair_i"), "{:.1%}"),
     ("mean words, short prompt", ("describe_short", "mean_words"), "{:.1f}"),
 ]

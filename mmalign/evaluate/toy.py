@@ -5,7 +5,8 @@
 * Detailed descriptions: CHAIRi (mentioned objects absent from the scene / all mentioned
   objects), CHAIRs (descriptions with at least one), object recall, mean length in words, and
   the repeated-trigram rate (share of word trigrams that already occurred in the same text),
-  which is how the paper's "repetitive, fragmented" stage-1 output shows up in numbers.
+  and the repeated-sentence rate (share of sentences said twice verbatim), which is how the
+  paper's "repetitive, fragmented" output shows up in numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def repeated_ngram_rate(text: str, n: int = 3) -> float:
     words = text.lower().split()
     grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
+
+
+def repeated_sentence_rate(text: str) -> float:
+    """Share of sentences that repeat an earlier sentence of the same text verbatim."""
+    sents = [x.strip().lower() for x in text.replace("?", ".").replace("!", ".").split(".") if x.strip()]
+    return 0.0 if not sents else 1.0 - len(set(sents)) / len(sents)
 
 
 def chair(description: str, scene: tw.Scene) -> tuple[int, int, int]:
@@ -61,6 +68,7 @@ def describe_metrics(texts: list[str], scenes: list[tw.Scene]) -> dict[str, floa
         "object_recall": covered / max(n_obj, 1),
         "mean_words": sum(len(t.split()) for t in texts) / max(len(texts), 1),
         "repeated_trigram_rate": sum(map(repeated_ngram_rate, texts)) / max(len(texts), 1),
+        "repeated_sentence_rate": sum(map(repeated_sentence_rate, texts)) / max(len(texts), 1),
     }
 
 

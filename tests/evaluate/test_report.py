@@ -6,7 +6,7 @@ STAGE1 = {
     "vqa_accuracy": {"colour": 0.5, "count": 0.25, "shape": 0.125},
     "presence": {"precision": 0.5, "recall": 1.0, "f1": 0.6667, "yes_ratio": 0.75},
     "describe_long": {"prompt": "Describe this image in detail.", "chair_i": 0.4, "chair_s": 0.8, "object_recall": 0.3,
-                      "mean_words": 12.34, "repeated_trigram_rate": 0.1},
+                      "mean_words": 12.34, "repeated_trigram_rate": 0.1, "repeated_sentence_rate": 0.25},
     "describe_short": {"prompt": "short", "chair_i": 0.2, "mean_words": 7.0},
 }  # fmt: skip
 STAGE2 = {
@@ -15,7 +15,7 @@ STAGE2 = {
     "vqa_accuracy": {"colour": 0.875, "count": 0.5, "shape": 1.0, "position": 0.625},
     "presence": {"precision": 0.9, "recall": 0.9, "f1": 0.9, "yes_ratio": 0.5},
     "describe_long": {"prompt": "Describe this image in detail.", "chair_i": 0.05, "chair_s": 0.125,
-                      "object_recall": 0.95, "mean_words": 40.0, "repeated_trigram_rate": 0.0},
+                      "object_recall": 0.95, "mean_words": 40.0, "repeated_trigram_rate": 0.0, "repeated_sentence_rate": 0.0},
     "describe_short": {"prompt": "short", "chair_i": 0.0, "mean_words": 15.55},
 }  # fmt: skip
 
@@ -49,6 +49,7 @@ def test_write_toy_report_markdown_and_png(tmp_path):
     assert rows["object recall, detailed prompt"] == ["30.0%", "95.0%"]
     assert rows["mean words, detailed prompt"] == ["12.3", "40.0"]
     assert rows["repeated-trigram rate, detailed prompt"] == ["10.0%", "0.0%"]
+    assert rows["repeated-sentence rate, detailed prompt"] == ["25.0%", "0.0%"]
     assert rows["CHAIRi, short prompt"] == ["20.0%", "0.0%"]
     assert rows["mean words, short prompt"] == ["7.0", "15.6"]
     # relation accuracy is in neither stage: no row; every other metric has exactly one

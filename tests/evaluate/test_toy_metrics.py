@@ -124,5 +124,13 @@ def test_describe_metrics_perfect_description_and_empty():
     m = describe_metrics([tw.description(s) for s in scenes], scenes)
     assert m["chair_i"] == 0.0 and m["chair_s"] == 0.0 and m["object_recall"] == 1.0
     assert describe_metrics([], []) == {
-        "chair_i": 0.0, "chair_s": 0.0, "object_recall": 0.0, "mean_words": 0.0, "repeated_trigram_rate": 0.0,
+        "chair_i": 0.0, "chair_s": 0.0, "object_recall": 0.0, "mean_words": 0.0, "repeated_trigram_rate": 0.0, "repeated_sentence_rate": 0.0,
     }  # fmt: skip
+
+
+def test_repeated_sentence_rate_counts_verbatim_repeats():
+    from mmalign.evaluate.toy import repeated_sentence_rate
+
+    assert repeated_sentence_rate("A red circle. A red circle. A blue square.") == 1 - 2 / 3
+    assert repeated_sentence_rate("There is a red circle. There is a blue square.") == 0.0
+    assert repeated_sentence_rate("") == 0.0
