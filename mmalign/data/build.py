@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any, Callable
 
 from mmalign.config import DataConfig

@@ -77,9 +77,7 @@ def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = ()) ->
     report = write_toy_report({k: v.metrics for k, v in results.items()}, out, minutes=(time.time() - t0) / 60)
     print(report)
 
-    from PIL import Image  # noqa: F401  (a sample chat answer, as a user would get it)
-
-    from mmalign.chat.session import ChatSession
+    from mmalign.chat.session import ChatSession  # a sample chat answer, as a user would get it
     from mmalign.prompts import MINIGPT4_INSTRUCTIONS
 
     model, tokenizer = load_model(out / "model-stage2")

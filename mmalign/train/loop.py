@@ -29,7 +29,6 @@ from mmalign.data.collate import collate
 from mmalign.model import (
     apply_freeze,
     check_image_tokens,
-    export,
     image_transform_for,
     load_trainable,
     num_image_tokens,
