@@ -27,11 +27,12 @@ def dataset_from_config(
     tokenizer: Any,
     num_image_tokens: int,
     image_transform: Callable,
-    *,
-    seed: int = 0,
 ) -> MultimodalDataset:
     """`captions`: stage-1 pairs (caption format, no chat); `conversations`: LLaVA JSON or a
-    caption JSON whose captions become answers to a sampled instruction (MiniGPT-4 stage 2)."""
+    caption JSON whose captions become answers to a sampled instruction (MiniGPT-4 stage 2).
+
+    Instructions are drawn from the module `random` stream, which the training loop seeds and
+    checkpoints, so a resumed run draws the same ones."""
     if not cfg.path:
         raise ValueError("data.path is not set: point it at a caption JSON, cc_sbu_align filter_cap.json or LLaVA JSON")
     skips = SkipCounter()

@@ -96,7 +96,7 @@ def train(cfg: RunConfig) -> Path:
     report = apply_freeze(model, tc.trainable)
     log.info("%s", report)
     n_img = num_image_tokens(model.config)
-    dataset = dataset_from_config(cfg.data, tokenizer, n_img, image_transform_for(model), seed=tc.seed)
+    dataset = dataset_from_config(cfg.data, tokenizer, n_img, image_transform_for(model))
     sampler = ResumableSampler(len(dataset), tc.seed)
     pad_id = tokenizer.pad_token_id
 
@@ -129,7 +129,11 @@ def train(cfg: RunConfig) -> Path:
         log.info("resumed from %s at step %d", ckpt, step)
     sampler.start = consumed * tc.batch_size
 
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():  # drop records a killed run logged after its last checkpoint
+        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    metrics = open(metrics_path, "a")
     bar = tqdm(total=tc.max_steps, initial=step, desc=f"train {tc.stage}", unit="step", dynamic_ncols=True)
     model.train()
     for module in report.frozen_modules(model):  # frozen towers stay in eval mode (no dropout)
