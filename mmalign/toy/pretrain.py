@@ -129,15 +129,45 @@ def text_chat(scene: tw.Scene, rng: random.Random) -> tuple[list[dict], str | No
     return turns, system
 
 
-def encode_text_example(tokenizer, scene: tw.Scene, rng: random.Random) -> dict:
-    """One LLM pretraining example: a text-only chat (mostly) or a stage-1 style caption document."""
-    from mmalign.prompts import encode_conversation, get_template
+def scene_slots(tokenizer, scene: tw.Scene, rng: random.Random) -> list[list[int]]:
+    """The scene the way image tokens give it: one slot per grid cell in raster order.
 
+    A slot is the sum of the embeddings of the words of its cell (size, colour, shape, and half
+    the time the position), so the text-only LLM learns to read several attributes from one
+    input vector, as it must from a projected image token. Still text: no image is involved.
+    """
+    by_cell = {o.cell: o for o in scene.objects}
+    with_position = rng.random() < 0.5
+    slots = []
+    for cell, position in enumerate(tw.POSITIONS):
+        o = by_cell.get(cell)
+        words = [f"{o.size} {o.colour} {o.shape}"] if o else []
+        if with_position or not o:
+            words.append(position)
+        slots.append(tokenizer.encode(" " + " ".join(words), add_special_tokens=False))
+    return slots
+
+
+def encode_text_example(tokenizer, scene: tw.Scene, rng: random.Random) -> dict:
+    """One LLM pretraining example: a text-only chat (mostly) or a stage-1 style caption document.
+
+    Half the examples write the scene as a listing in words, half as one slot per grid cell
+    (see `scene_slots`) at the template's image placeholder.
+    """
+    from mmalign.prompts import encode_caption, encode_conversation, get_template, user_with_image
+
+    slots = scene_slots(tokenizer, scene, rng) if rng.random() < 0.5 else None
     if rng.random() < 0.15:  # [BOS] scene caption "\n": what stage 1 will ask of the LLM
+        if slots:
+            return {**encode_caption(tokenizer, tw.caption(scene, rng), len(slots)), "slots": slots}
         prefix = [tokenizer.bos_token_id] + tokenizer.encode(tw.listing(scene), add_special_tokens=False)
         target = tokenizer.encode(" " + tw.caption(scene, rng) + "\n", add_special_tokens=False)
         return {"input_ids": prefix + target, "labels": [-100] * len(prefix) + target}
     turns, system = text_chat(scene, rng)
+    if slots:
+        first = turns[0]["content"].split(" </Img> ", 1)[1]
+        turns[0] = {"role": "user", "content": user_with_image("minigpt4_v0", first)}
+        return {**encode_conversation(tokenizer, get_template("minigpt4_v0"), turns, len(slots), system=system), "slots": slots}
     return encode_conversation(tokenizer, get_template("minigpt4_v0"), turns, 0, system=system)
 
 
@@ -151,7 +181,18 @@ def _pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :k] = torch.tensor(e["input_ids"])
         labels[i, :k] = torch.tensor(e["labels"])
         mask[i, :k] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "slots": [e.get("slots") for e in examples]}
+
+
+def embed_with_slots(model, input_ids: torch.Tensor, slots: list, image_token_id: int) -> torch.Tensor:
+    """Input embeddings where each image placeholder holds its slot's summed word embeddings."""
+    table = model.get_input_embeddings()
+    x = table(input_ids)
+    for i, row in enumerate(slots):
+        if row:
+            where = (input_ids[i] == image_token_id).nonzero().squeeze(1)
+            x[i, where] = torch.stack([table.weight[s].sum(0) for s in row])
+    return x
 
 
 # ---------------------------------------------------------------- LLM
@@ -176,31 +217,38 @@ def llm_config(tokenizer):
 
 
 @torch.no_grad()
-def text_only_gate(model, tokenizer, n_scenes: int = 150, seed: int = 1) -> dict[str, float]:
-    """Answer accuracy per question kind from a listing in context (greedy), on held-out scenes."""
-    from mmalign.prompts import build_generation_prompt, get_template, strip_stop
+def text_only_gate(model, tokenizer, n_scenes: int = 150, seed: int = 1, form: str = "words") -> dict[str, float]:
+    """Answer accuracy per question kind from the scene in context (greedy), on held-out scenes.
+
+    ``form``: "words" (a listing) or "slots" (one summed-embedding slot per grid cell).
+    """
+    from mmalign.prompts import build_generation_prompt, get_template, strip_stop, user_with_image
 
     template = get_template("minigpt4_v0")
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
     rng = random.Random(seed)
     hits: dict[str, list[int]] = {}
     model.eval()
     for s in tw.split_seeds("val", n_scenes):
         scene = tw.make_scene(s)
         qas = tw.questions(scene, rng)
-        prompts, answers, kinds = [], [], []
+        prompts, slots = [], []
         for qa in qas:
-            turns = [{"role": "user", "content": f"{scene_in_words(scene, rng)} {qa.question}"}]
-            prompts.append(build_generation_prompt(tokenizer, template, turns, 0, system=None))
-            answers.append(qa.answer)
-            kinds.append(qa.kind)
+            if form == "slots":
+                slots.append(scene_slots(tokenizer, scene, rng))
+                turns = [{"role": "user", "content": user_with_image(template, qa.question)}]
+            else:
+                turns = [{"role": "user", "content": f"{scene_in_words(scene, rng)} {qa.question}"}]
+            prompts.append(build_generation_prompt(tokenizer, template, turns, len(tw.POSITIONS) if slots else 0, system=None))
         n = max(map(len, prompts))
         ids = torch.tensor([[tokenizer.pad_token_id] * (n - len(p)) + p for p in prompts])
         mask = (torch.arange(n)[None] >= torch.tensor([n - len(p) for p in prompts])[:, None]).long()
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        for row, ans, kind in zip(out[:, n:], answers, kinds):
+        embeds = embed_with_slots(model, ids, slots or [None] * len(ids), image_id)
+        out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        for row, qa in zip(out, qas):
             text = strip_stop(tokenizer.decode(row, skip_special_tokens=True), template).strip()
-            hits.setdefault(kind, []).append(int(text == ans))
+            hits.setdefault(qa.kind, []).append(int(text == qa.answer))
     model.train()
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
@@ -213,6 +261,7 @@ def train_llm(
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(out)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
     model = LlamaForCausalLM.from_pretrained(out) if resume else LlamaForCausalLM(llm_config(tokenizer))
     print(f"llm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
@@ -233,7 +282,9 @@ def train_llm(
         cur = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(decay, 1.0))))
         for g in opt.param_groups:
             g["lr"] = cur
-        loss = model(**batch).loss
+        slots = batch.pop("slots")
+        embeds = embed_with_slots(model, batch.pop("input_ids"), slots, image_id)
+        loss = model(inputs_embeds=embeds, **batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -244,12 +295,13 @@ def train_llm(
         rec = {"step": step, "loss": loss.item(), "lr": cur}
         if step % 400 == 0:  # a look at the gate, and a save a kill cannot take away
             rec["gate"] = text_only_gate(model, tokenizer, n_scenes=40)
+            rec["gate_slots"] = text_only_gate(model, tokenizer, n_scenes=40, form="slots")
             tqdm.write(json.dumps(rec))
             model.save_pretrained(out)
         log.write(json.dumps(rec) + "\n")
         log.flush()
     bar.close()
-    gate = text_only_gate(model, tokenizer)
+    gate = {form: text_only_gate(model, tokenizer, form=form) for form in ("words", "slots")}
     print("text-only gate:", json.dumps(gate))
     model.save_pretrained(out)
     (out / "text_only_gate.json").write_text(json.dumps({"steps": step, "accuracy": gate}, indent=1))
