@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 TOY_EXPORT = Path("runs/toy/model-stage2")  # where `mmalign toy run` exports its stage-2 model
 TOY_QUESTIONS = ("Describe this image in detail.", "How many objects are there?", "What color is the circle?")
 MAX_NEW_TOKENS, TOP_P = 300, 0.9
+# small images (the toy world's are 48 px) fill the upload box, pixels kept sharp
+CSS = "#image img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}"
 _DONE = object()
 
 
@@ -44,22 +47,24 @@ def load_demo_model(path: str | None, *, template: str | None = None, dtype: str
                     device: str = "cpu", example_dir: Path | None = None) -> DemoModel:  # fmt: skip
     """The model behind `--model` (a folder or hub id). Without one, the toy default: the stage-2
     model `mmalign toy run` exported, else `toy-minigpt4` built from the shipped backbones with
-    an untrained projection (it runs, but its answers ignore the image). The toy default comes
+    an untrained projection (it runs, but its answers do not reflect the image). The toy default comes
     with a few rendered toy scenes as examples."""
     import torch
 
     from mmalign.model import image_transform_for
     from mmalign.model.build import build_model, load_model, template_of
 
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
     note = ""
     if path is None and not TOY_EXPORT.is_dir():
         from mmalign.recipes import get_recipe
 
         recipe = get_recipe("toy-minigpt4")
         note = (f"No --model given and no {TOY_EXPORT}: serving `toy-minigpt4` built from the shipped toy "
-                "backbones with an UNTRAINED projection, so answers ignore the image. "
-                "Run `mmalign toy run` (about 6 min on a CPU) to train one.")  # fmt: skip
+                "backbones with an UNTRAINED projection, so its answers do not reflect the image. "
+                "Run `mmalign toy run` (about 6 min on 2 CPU cores) to train one.")  # fmt: skip
         log.warning(note)
         model, tokenizer = build_model(recipe.spec, dtype=torch_dtype, device=device)
         name, template = recipe.name, template or recipe.template
@@ -67,7 +72,9 @@ def load_demo_model(path: str | None, *, template: str | None = None, dtype: str
         name = str(path or TOY_EXPORT)
         model, tokenizer = load_model(name, dtype=torch_dtype, device=device)
         template = template or template_of(name)
-    examples = toy_examples(example_dir or Path("runs/demo_examples")) if path is None else []
+    examples = []
+    if path is None:
+        examples = toy_examples(example_dir or Path(tempfile.gettempdir()) / "mmalign_demo_examples")
     return DemoModel(model, tokenizer, template, image_transform_for(model), name, note, examples)
 
 
@@ -127,7 +134,7 @@ def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
 
     def on_image(image: Image.Image | None, state: ChatSession | None):
         session = session_of(state)
-        with answers.lock:  # not while this session's answer is being generated
+        with answers.lock:  # not in the middle of an answer (maybe this session's)
             if image is None:
                 session.reset()
             else:
@@ -156,6 +163,15 @@ def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
             session.reset()
         return None, [], "", session
 
+    def on_clear_chat(state: ChatSession | None):  # the chat's own bin: a new conversation, same image
+        session = session_of(state)
+        with answers.lock:
+            if session.image is None:
+                session.reset()
+            else:
+                session.set_image(session.image)
+        return session
+
     with gr.Blocks(title="mmalign demo", analytics_enabled=False) as demo:
         gr.Markdown(f"## mmalign chat demo\nModel: `{dm.name}` (template `{dm.template}`). "
                     "Upload an image, then ask about it.")  # fmt: skip
@@ -172,7 +188,8 @@ def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
                 temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.1, label="Temperature", elem_id="temperature")
                 sample = gr.Checkbox(value=True, label="Sampling (off: greedy, deterministic)", elem_id="sample")
             with gr.Column(scale=2):
-                chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", feedback_options=None)
+                chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", feedback_options=None,
+                                     buttons=["copy", "copy_all"])  # fmt: skip
                 with gr.Row():
                     text = gr.Textbox(show_label=False, placeholder="Ask about the image and press Enter",
                                       scale=4, elem_id="question")  # fmt: skip
@@ -181,11 +198,12 @@ def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
                     gr.Examples([[q] for q in TOY_QUESTIONS], inputs=text, label="Questions")
 
         image.change(on_image, [image, state], [state, chatbot], queue=False)
-        ask = dict(fn=on_ask, inputs=[text, chatbot, state, beams, temperature, sample],
-                   outputs=[text, chatbot, state], concurrency_id="answer")  # fmt: skip
+        ask = {"fn": on_ask, "inputs": [text, chatbot, state, beams, temperature, sample],
+               "outputs": [text, chatbot, state], "concurrency_id": "answer"}  # fmt: skip
         text.submit(**ask)
         send.click(**ask)
         clear.click(on_clear, [state], [image, chatbot, text, state], queue=False)
+        chatbot.clear(on_clear_chat, [state], [state], queue=False)
     return demo
 
 
@@ -200,5 +218,5 @@ def launch(dm: DemoModel, *, host: str = "127.0.0.1", port: int | None = None, s
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # fmt: skip
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, theme=theme,
-                quiet=not block, ssr_mode=False)  # fmt: skip
+                css=CSS, quiet=not block, ssr_mode=False)  # fmt: skip
     return demo

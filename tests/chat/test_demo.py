@@ -170,6 +170,11 @@ def test_page_streams_the_sessions_answers_and_clear_restarts(toy, url, browser,
     browser.save_screenshot(str(shot))
     assert Image.open(shot).size[0] >= 1000
 
+    # the chat's own bin starts a new conversation about the same image
+    browser.find_element("css selector", "#chatbot button[aria-label=Clear]").click()
+    page.wait.until(lambda d: page.messages() == [])
+    assert words(page.ask(q1, words(want1))) == words(want1)
+
     browser.find_element("css selector", "#clear").click()
     page.wait.until(lambda d: page.messages() == [])
     page.wait.until(lambda d: not d.find_elements("css selector", "#image img"))
@@ -184,6 +189,11 @@ def test_toy_default_without_a_trained_model_warns_and_builds_the_recipe(tmp_pat
     assert dm.name == "toy-minigpt4" and dm.template == "minigpt4_v0"
     assert "UNTRAINED" in dm.note and "UNTRAINED" in caplog.text
     assert len(dm.examples) == 4 and all(Image.open(p).size == (48, 48) for p in dm.examples)
+
+
+def test_bad_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        load_demo_model("unused", dtype="float33")
 
 
 def test_demo_command_passes_its_options(monkeypatch, tmp_path):
