@@ -96,6 +96,13 @@ def _export(a: argparse.Namespace) -> None:
     print(a.out)
 
 
+def _demo(a: argparse.Namespace) -> None:
+    from mmalign.chat.demo import launch, load_demo_model
+
+    dm = load_demo_model(a.model, template=a.template, dtype=a.dtype, device=a.device)
+    launch(dm, host=a.host, port=a.port, share=a.share)
+
+
 def _toy(a: argparse.Namespace) -> None:
     from mmalign.toy import run
 
@@ -145,6 +152,16 @@ def main(argv: list[str] | None = None) -> None:
     x.add_argument("--out", required=True)
     x.add_argument("overrides", nargs="*")
     x.set_defaults(fn=_export)
+
+    d = sub.add_parser("demo", help="web chat demo (Gradio): upload an image, chat, beams / temperature sliders")
+    d.add_argument("--model", default=None, help="exported folder or hub id (default: the toy model)")
+    d.add_argument("--template", default=None, help="override the model's template")
+    d.add_argument("--dtype", default="float32")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    d.set_defaults(fn=_demo)
 
     y = sub.add_parser("toy", help="the embedded toy world: write its data, or run the whole main job")
     y.add_argument("what", choices=["data", "run"])

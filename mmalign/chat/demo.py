@@ -1,0 +1,222 @@
+"""The web demo (`mmalign demo`): MiniGPT-4's Gradio page on any model mmalign loads.
+
+Upload an image, chat about it, tune beams and temperature. One model is shared by every
+browser; each browser session has its own `ChatSession` (its image, its turns), and a lock lets
+one answer be generated at a time. Defaults and slider ranges are MiniGPT-4's demo: sampling
+with top_p 0.9, temperature 1.0, 1 beam, 300 new tokens, beams 1-10, temperature 0.1-2.0.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from PIL import Image
+
+from mmalign.chat.session import ChatSession
+
+log = logging.getLogger(__name__)
+
+TOY_EXPORT = Path("runs/toy/model-stage2")  # where `mmalign toy run` exports its stage-2 model
+TOY_QUESTIONS = ("Describe this image in detail.", "How many objects are there?", "What color is the circle?")
+MAX_NEW_TOKENS, TOP_P = 300, 0.9
+# small images (the toy world's are 48 px) fill the upload box, pixels kept sharp
+CSS = "#image img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}"
+_DONE = object()
+
+
+@dataclass
+class DemoModel:
+    """What the page serves: a model, how to prompt it, and what to offer as examples."""
+
+    model: Any
+    tokenizer: Any
+    template: str
+    image_transform: Callable[[Image.Image], Any]
+    name: str
+    note: str = ""  # shown on the page, e.g. "the projection is untrained"
+    examples: list[str] = field(default_factory=list)  # image files offered under the upload box
+
+
+def load_demo_model(path: str | None, *, template: str | None = None, dtype: str = "float32",
+                    device: str = "cpu", example_dir: Path | None = None) -> DemoModel:  # fmt: skip
+    """The model behind `--model` (a folder or hub id). Without one, the toy default: the stage-2
+    model `mmalign toy run` exported, else `toy-minigpt4` built from the shipped backbones with
+    an untrained projection (it runs, but its answers do not reflect the image). The toy default comes
+    with a few rendered toy scenes as examples."""
+    import torch
+
+    from mmalign.model import image_transform_for
+    from mmalign.model.build import build_model, load_model, template_of
+
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    note = ""
+    if path is None and not TOY_EXPORT.is_dir():
+        from mmalign.recipes import get_recipe
+
+        recipe = get_recipe("toy-minigpt4")
+        note = (f"No --model given and no {TOY_EXPORT}: serving `toy-minigpt4` built from the shipped toy "
+                "backbones with an UNTRAINED projection, so its answers do not reflect the image. "
+                "Run `mmalign toy run` (about 6 min on 2 CPU cores) to train one.")  # fmt: skip
+        log.warning(note)
+        model, tokenizer = build_model(recipe.spec, dtype=torch_dtype, device=device)
+        name, template = recipe.name, template or recipe.template
+    else:
+        name = str(path or TOY_EXPORT)
+        model, tokenizer = load_model(name, dtype=torch_dtype, device=device)
+        template = template or template_of(name)
+    examples = []
+    if path is None:
+        examples = toy_examples(example_dir or Path(tempfile.gettempdir()) / "mmalign_demo_examples")
+    return DemoModel(model, tokenizer, template, image_transform_for(model), name, note, examples)
+
+
+def toy_examples(folder: Path, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> list[str]:
+    """Held-out toy scenes rendered as PNG files (Gradio's examples are files)."""
+    from mmalign.data import toyworld as tw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    start = tw.split_seeds("test", 1).start
+    paths = []
+    for s in seeds:
+        path = folder / f"toy_scene_{start + s}.png"
+        if not path.exists():
+            tw.render(tw.make_scene(start + s)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+class _Answers:
+    """Streams answers from sessions that share one model, one answer at a time.
+
+    Generation runs in its own thread holding the lock, so the lock is released when the answer
+    is finished even if the browser that asked for it has gone away."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def stream(self, session: ChatSession, text: str, gen: dict[str, Any]) -> Iterator[str]:
+        pieces: queue.Queue = queue.Queue()
+
+        def work() -> None:
+            try:
+                with self.lock:
+                    for piece in session.ask(text, **gen):
+                        pieces.put(piece)
+            except BaseException as e:  # noqa: BLE001 - handed to the page below
+                pieces.put(e)
+            finally:
+                pieces.put(_DONE)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (item := pieces.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
+    """The Gradio page for `dm` (call `.launch()` on it, see `launch`)."""
+    import gradio as gr
+
+    answers = _Answers()
+
+    def session_of(state: ChatSession | None) -> ChatSession:
+        # created lazily: gr.State deep-copies its initial value, and the model must stay shared
+        return state if state is not None else ChatSession(dm.model, dm.tokenizer, dm.template, dm.image_transform)
+
+    def on_image(image: Image.Image | None, state: ChatSession | None):
+        session = session_of(state)
+        with answers.lock:  # not in the middle of an answer (maybe this session's)
+            if image is None:
+                session.reset()
+            else:
+                session.set_image(image)  # a new image starts a new conversation
+        return session, []
+
+    def on_ask(text: str, history: list, state: ChatSession | None, beams: float, temperature: float, sample: bool):
+        session = session_of(state)
+        if not text.strip():
+            yield text, history, session
+            return
+        history = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        yield "", history, session
+        gen = {"num_beams": int(beams), "do_sample": bool(sample), "temperature": float(temperature),
+               "top_p": TOP_P, "max_new_tokens": max_new_tokens}  # fmt: skip
+        try:
+            for piece in answers.stream(session, text, gen):
+                history[-1]["content"] += piece
+                yield "", history, session
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so on the page
+            raise gr.Error(f"{e}. Press 'Clear / restart'.") from None
+
+    def on_clear(state: ChatSession | None):
+        session = session_of(state)
+        with answers.lock:
+            session.reset()
+        return None, [], "", session
+
+    def on_clear_chat(state: ChatSession | None):  # the chat's own bin: a new conversation, same image
+        session = session_of(state)
+        with answers.lock:
+            if session.image is None:
+                session.reset()
+            else:
+                session.set_image(session.image)
+        return session
+
+    with gr.Blocks(title="mmalign demo", analytics_enabled=False) as demo:
+        gr.Markdown(f"## mmalign chat demo\nModel: `{dm.name}` (template `{dm.template}`). "
+                    "Upload an image, then ask about it.")  # fmt: skip
+        if dm.note:
+            gr.Markdown(f"**Warning:** {dm.note}", elem_id="model-note")
+        state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                image = gr.Image(type="pil", label="Image", height=260, elem_id="image")
+                if dm.examples:
+                    gr.Examples(dm.examples, inputs=image, label="Toy-world examples")
+                clear = gr.Button("Clear / restart", elem_id="clear")
+                beams = gr.Slider(1, 10, value=1, step=1, label="Beam search numbers", elem_id="beams")
+                temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.1, label="Temperature", elem_id="temperature")
+                sample = gr.Checkbox(value=True, label="Sampling (off: greedy, deterministic)", elem_id="sample")
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", feedback_options=None,
+                                     buttons=["copy", "copy_all"])  # fmt: skip
+                with gr.Row():
+                    text = gr.Textbox(show_label=False, placeholder="Ask about the image and press Enter",
+                                      scale=4, elem_id="question")  # fmt: skip
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+                if dm.examples:
+                    gr.Examples([[q] for q in TOY_QUESTIONS], inputs=text, label="Questions")
+
+        image.change(on_image, [image, state], [state, chatbot], queue=False)
+        ask = {"fn": on_ask, "inputs": [text, chatbot, state, beams, temperature, sample],
+               "outputs": [text, chatbot, state], "concurrency_id": "answer"}  # fmt: skip
+        text.submit(**ask)
+        send.click(**ask)
+        clear.click(on_clear, [state], [image, chatbot, text, state], queue=False)
+        chatbot.clear(on_clear_chat, [state], [state], queue=False)
+    return demo
+
+
+def launch(dm: DemoModel, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           block: bool = True) -> Any:  # fmt: skip
+    """Serve the page; `block=False` returns at once (tests)."""
+    import gradio as gr
+
+    demo = build_demo(dm)
+    demo.queue(default_concurrency_limit=None)  # the lock serialises generation; the queue need not
+    # system fonts only: the page must render without reaching a font CDN (offline machines, CI)
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # fmt: skip
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, theme=theme,
+                css=CSS, quiet=not block, ssr_mode=False)  # fmt: skip
+    return demo
