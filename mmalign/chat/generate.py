@@ -162,7 +162,10 @@ class _RowsCriteria(StoppingCriteria):
                 row.finish_reason = "stop"
             elif len(row.token_ids) >= row.max_new_tokens:
                 row.finish_reason = "length"
-            hold = 0 if row.finish_reason else stop_prefix_len(visible, self.stops[i])
+            # hold back what may still change: a stop string's start, a character whose bytes
+            # have not all arrived yet (decoded as U+FFFD)
+            partial = len(visible) - len(visible.rstrip("\ufffd"))
+            hold = 0 if row.finish_reason else max(stop_prefix_len(visible, self.stops[i]), partial)
             self._show(i, visible[: len(visible) - hold])
             done[i] = row.finish_reason is not None
         return done

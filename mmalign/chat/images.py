@@ -87,7 +87,7 @@ def _fetch(url: str, policy: ImagePolicy) -> bytes:
     chunks, size = [], 0
     try:
         with urllib.request.urlopen(req, timeout=policy.timeout_s) as resp:  # noqa: S310 (scheme checked)
-            while chunk := resp.read(64 * 1024):
+            while chunk := resp.read1(64 * 1024):  # what has arrived: the deadline is checked often
                 size += len(chunk)
                 if size > policy.max_bytes:
                     raise ImageError(f"remote image is over {policy.max_bytes} bytes", "image_too_large")
