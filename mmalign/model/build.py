@@ -348,17 +348,25 @@ FULL_PRECISION_MODULES = {
 LOAD_IN = ("8bit", "4bit")
 
 
-def quantization_config(model_type: str, load_in: str, device: str | torch.device, dtype: torch.dtype | None) -> Any:
+def quantization_config(config: PreTrainedConfig, load_in: str, device: str | torch.device, dtype: Any = None) -> Any:
     """The transformers quantization config for ``--load-in 8bit|4bit`` on ``device``.
 
     CUDA: bitsandbytes (LLM.int8() / NF4), as MiniGPT-4's low-resource demo. CPU: torchao's
     int8 weight-only quantization for 8bit (bitsandbytes' CPU 8-bit path casts to float16 and
-    is slow), bitsandbytes' CPU backend for NF4 4bit.
+    is slow), bitsandbytes' CPU backend for NF4 4bit (its CPU kernels need every LLM layer
+    width to be a multiple of its block size, 64).
     """
     if load_in not in LOAD_IN:
         raise ValueError(f"load_in must be one of {LOAD_IN}, got {load_in!r}")
-    skip = FULL_PRECISION_MODULES[model_type]
-    if torch.device(device).type == "cpu" and load_in == "8bit":
+    skip = FULL_PRECISION_MODULES[config.model_type]
+    cpu = torch.device(device).type == "cpu"
+    if cpu and load_in == "4bit":
+        text = config.get_text_config()
+        widths = {"hidden_size": text.hidden_size, "intermediate_size": getattr(text, "intermediate_size", 0)}
+        if bad := {k: v for k, v in widths.items() if v % 64}:
+            raise ValueError(f"4bit on CPU (bitsandbytes NF4) needs LLM widths divisible by 64, got {bad}; "
+                             "use load_in='8bit' (torchao int8) or a CUDA device")  # fmt: skip
+    if cpu and load_in == "8bit":
         from torchao.quantization import Int8WeightOnlyConfig
         from transformers import TorchAoConfig
 
@@ -387,8 +395,8 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if load_in:
-        model_type = AutoConfig.from_pretrained(path_or_id).model_type
-        kwargs["quantization_config"] = quantization_config(model_type, load_in, device, dtype)
+        config = AutoConfig.from_pretrained(path_or_id)
+        kwargs["quantization_config"] = quantization_config(config, load_in, device, dtype)
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, device_map={"": str(device)}, **kwargs)
     else:
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs).to(device)
