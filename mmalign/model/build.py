@@ -341,7 +341,7 @@ def _build_llava_like(spec: ModelSpec, lm: PreTrainedModel, image_id: int) -> Ll
 # vision encoder: the vision tower, the Q-Former / projector and the LM head (patterns match a
 # module name from its start, or as a suffix).
 FULL_PRECISION_MODULES = {
-    "blip-2": ["vision_model", "qformer", "language_projection", "lm_head"],
+    "blip-2": ["vision_model", "qformer", "language_projection", "language_model.lm_head"],
     "llava": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
     "minigpt4_patch": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
 }
