@@ -1,4 +1,4 @@
-"""`mmalign <verb>`: train, chat, eval, export, toy."""
+"""`mmalign <verb>`: train, chat, serve, eval, export, toy."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _chat(a: argparse.Namespace) -> None:
     from mmalign.model import image_transform_for
     from mmalign.model.build import load_model, template_of
 
-    model, tokenizer = load_model(a.model, dtype=a.dtype, device=a.device)
+    model, tokenizer = load_model(a.model, dtype=a.dtype, device=a.device, load_in=a.load_in)
     session = ChatSession(model, tokenizer, a.template or template_of(a.model), image_transform_for(model))
     gen = {"num_beams": a.num_beams, "do_sample": a.temperature > 0, "temperature": a.temperature or None,
            "top_p": a.top_p, "repetition_penalty": a.repetition_penalty, "max_new_tokens": a.max_new_tokens}  # fmt: skip
@@ -103,6 +103,13 @@ def _demo(a: argparse.Namespace) -> None:
     launch(dm, host=a.host, port=a.port, share=a.share)
 
 
+def _serve(a: argparse.Namespace) -> None:
+    from mmalign.chat.server import serve
+
+    serve(a.model, host=a.host, port=a.port, template=a.template, dtype=a.dtype, device=a.device, load_in=a.load_in,
+          model_name=a.served_name, allow_remote_images=a.allow_remote_images, max_batch_size=a.max_batch_size)  # fmt: skip
+
+
 def _toy(a: argparse.Namespace) -> None:
     from mmalign.toy import run
 
@@ -137,7 +144,18 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--top-p", type=float, default=0.9)
     c.add_argument("--repetition-penalty", type=float, default=1.0)
     c.add_argument("--max-new-tokens", type=int, default=300)
+    c.add_argument("--load-in", choices=["8bit", "4bit"], default=None, help="quantize the LLM on load")
     c.set_defaults(fn=_chat)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible API server (POST /v1/chat/completions)")
+    model_args(v)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--served-name", default=None, help="model id clients send (default: --model)")
+    v.add_argument("--load-in", choices=["8bit", "4bit"], default=None, help="quantize the LLM on load")
+    v.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (size/time limited)")
+    v.add_argument("--max-batch-size", type=int, default=16, help="requests generated together in one batch")
+    v.set_defaults(fn=_serve)
 
     e = sub.add_parser("eval", help="evaluate on held-out toy scenes (VQA, presence F1, CHAIR, length)")
     model_args(e)

@@ -11,6 +11,7 @@ separately.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass
@@ -388,4 +389,26 @@ def build_generation_prompt(
         raise ValueError("a generation prompt needs turns that end with a user message")
     sys_msg = t.system if system is _DEFAULT else system
     ids, _, _ = _encode_segments(tokenizer, t, _segments(t, turns, sys_msg), num_image_tokens)
+    return ids
+
+
+def encode_user_turn(
+    tokenizer: Any,
+    template: str | Template,
+    content: str,
+    num_image_tokens: int,
+    *,
+    first: bool,
+    system: str | None = _DEFAULT,
+) -> list[int]:
+    """Ids of one user turn up to the assistant prefix, laid out as `build_generation_prompt`
+    lays it out: with BOS and the system message when `first`, else as the continuation after
+    the previous answer's turn end. A chat with a KV cache appends these ids to the ones the
+    model produced instead of re-encoding the conversation."""
+    t = get_template(template)
+    turn = [{"role": "user", "content": content}]
+    if first:
+        return build_generation_prompt(tokenizer, t, turn, num_image_tokens, system=system)
+    text = t.turn_sep + t.user_prefix + content + t.assistant_prefix
+    ids, _, _ = _encode_segments(tokenizer, dataclasses.replace(t, add_bos=False), [(text, False)], num_image_tokens)
     return ids

@@ -135,3 +135,15 @@ def test_missing_verb_exits(capsys):
     with pytest.raises(SystemExit) as err:
         main([])
     assert err.value.code == 2
+
+
+def test_serve_loads_the_model_and_starts_uvicorn(model_dir, monkeypatch):
+    uvicorn = pytest.importorskip("uvicorn")
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port: started.update(app=app, host=host, port=port))
+    main(["serve", "--model", str(model_dir), "--port", "8123", "--load-in", "8bit", "--served-name", "tiny"])
+    assert started["host"] == "127.0.0.1" and started["port"] == 8123
+    paths = {r.path for r in started["app"].routes}
+    assert {"/v1/chat/completions", "/v1/models", "/health"} <= paths
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", str(model_dir), "--load-in", "3bit"])

@@ -1,7 +1,14 @@
-"""A multi-turn chat with one image: the engine behind the terminal chat.
+"""The chat engine behind every front end (terminal chat, web demo): one conversation about
+one or more images, with the model's KV cache kept between turns.
 
-The session owns the turns and the image; each answer is generated from the template's prompt
-for the whole conversation and streamed token by token, stopping at the template's turn end.
+The session keeps every token id of the conversation exactly as the model saw or produced it,
+and the cache of those ids. Turn N encodes only the new user message (appended after the ids
+the model produced for the previous answer) and generates from the cache: the images and the
+earlier turns are not recomputed, and answers are the same greedy tokens as re-encoding the
+whole id sequence (`kv_reuse=False`, the baseline) gives.
+
+Beam search cannot continue a batch-1 cache in transformers' generate: it re-encodes the whole
+conversation (images included) and drops the cache, which the next turn builds again.
 """
 
 from __future__ import annotations
@@ -11,13 +18,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
+from transformers import DynamicCache, TextIteratorStreamer
 
-from mmalign.chat.generate import generation_kwargs
+from mmalign.chat.generate import CACHE_KWARG, cut_at_stop, generation_kwargs, model_generate, stop_prefix_len
 from mmalign.model import check_image_tokens, num_image_tokens
-from mmalign.prompts import build_generation_prompt, get_template, user_with_image
+from mmalign.prompts import encode_user_turn, get_template, user_with_image
 
 _DEFAULT: Any = object()
+_cut_at_stop, _stop_prefix_len = cut_at_stop, stop_prefix_len  # old names
 
 
 class ChatSession:
@@ -30,86 +38,104 @@ class ChatSession:
         *,
         system: str | None = _DEFAULT,
         max_context: int = 2000,
+        kv_reuse: bool = True,
     ) -> None:
         self.model, self.tokenizer, self.template = model, tokenizer, get_template(template)
         self.image_transform = image_transform
         self.system = self.template.system if system is _DEFAULT else system
         self.max_context = max_context  # MiniGPT-4's demo keeps the last 2000 tokens of context
+        self.kv_reuse = kv_reuse
         self.reset()
 
     def reset(self) -> None:
         self.turns: list[dict[str, str]] = []
-        self.image: Image.Image | None = None
+        self.image: Image.Image | None = None  # the latest image
+        self.images: list[Image.Image] = []  # every image of the conversation, in prompt order
+        self.ids: list[int] = []  # the conversation's token ids, as the model saw / produced them
+        self._marked = 0  # images whose marker is already in a user turn
+        self._cache: DynamicCache | None = None
+        self._cached_images = 0  # images whose features are in the cache
 
     def set_image(self, image: Image.Image) -> None:
         """A new image starts a new conversation about it."""
         self.reset()
-        self.image = image.convert("RGB")
+        self.add_image(image)
 
-    def _inputs(self) -> dict[str, torch.Tensor]:
-        n_img = num_image_tokens(self.model.config)
-        ids = build_generation_prompt(self.tokenizer, self.template, self.turns, n_img, system=self.system)
-        if len(ids) > self.max_context:
-            raise ValueError(f"conversation is {len(ids)} tokens, over max_context={self.max_context}: /reset")
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], device=device)
-        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        n_images = 0
-        if self.image is not None:
-            dtype = next(self.model.parameters()).dtype
-            inputs["pixel_values"] = self.image_transform(self.image)[None].to(device, dtype)
-            n_images = 1
-        check_image_tokens(input_ids, n_images, self.model.config)
-        return inputs
+    def add_image(self, image: Image.Image) -> None:
+        """Show another image in the same conversation: the next user message carries it."""
+        self.image = image.convert("RGB")
+        self.images.append(self.image)
 
     def ask(self, text: str, **gen: Any) -> Iterator[str]:
         """Stream the answer to `text` piece by piece; the full answer joins the history."""
         if not text.strip():
             raise ValueError("empty message")
-        content = user_with_image(self.template, text) if self.image is not None and not self.turns else text
+        content = text
+        for _ in self.images[self._marked :]:
+            content = user_with_image(self.template, content)
+        n_img = num_image_tokens(self.model.config)
+        new = encode_user_turn(self.tokenizer, self.template, content, n_img, first=not self.ids, system=self.system)
+        ids = self.ids + new
+        if len(ids) > self.max_context:
+            raise ValueError(f"conversation is {len(ids)} tokens, over max_context={self.max_context}: /reset")
+        check_image_tokens(torch.tensor(ids), len(self.images), self.model.config)
         self.turns.append({"role": "user", "content": content})
-        try:
-            inputs = self._inputs()
-        except ValueError:
-            self.turns.pop()
-            raise
         kwargs = generation_kwargs(self.tokenizer, self.template, **gen)
-        answer, shown = "", 0
-        pieces = self._generate(inputs, kwargs)
+        answer, shown, out = "", 0, []
+        pieces = self._generate(ids, kwargs, out)
         try:
             for piece in pieces:
                 answer += piece
-                visible, stopped = _cut_at_stop(answer, self.template.stop)
-                hold = 0 if stopped else _stop_prefix_len(visible, self.template.stop)
+                visible, stopped = cut_at_stop(answer, self.template.stop)
+                hold = 0 if stopped else stop_prefix_len(visible, self.template.stop)
                 if len(visible) - hold > shown:
                     yield visible[shown : len(visible) - hold]
                     shown = len(visible) - hold
                 if stopped:
                     break
-        except Exception:
+        except BaseException:
             self.turns.pop()  # no answer: the conversation stays as it was
+            self._cache, self._cached_images = None, 0  # it may hold half a turn
             raise
         finally:
             pieces.close()  # waits for the generating thread
-        visible, _ = _cut_at_stop(answer, self.template.stop)
+        visible, _ = cut_at_stop(answer, self.template.stop)
         if len(visible) > shown:
             yield visible[shown:]
+        self._settle(ids, out[0][len(ids) :] if out else [], visible)
+        self._marked = len(self.images)
+        self._cached_images = len(self.images) if self._cache is not None else 0
         self.turns.append({"role": "assistant", "content": visible.strip()})
 
-    def _generate(self, inputs: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> Iterator[str]:
-        """Decoded text as it is generated. An error in the generating thread is raised here
-        (else the streamer would wait for text forever); beam search, which transformers cannot
-        stream, comes as one piece."""
-        if kwargs.get("num_beams", 1) > 1:
-            out = self.model.generate(**inputs, **kwargs)
-            yield self.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    def _generate(self, ids: list[int], kwargs: dict[str, Any], out: list[list[int]]) -> Iterator[str]:
+        """Decoded text as it is generated; the output ids land in `out`. An error in the
+        generating thread is raised here (else the streamer would wait for text forever)."""
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([ids], device=device)
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        beams = kwargs.get("num_beams", 1) > 1
+        if beams or not self.kv_reuse:
+            self._cache, self._cached_images = None, 0  # re-encode everything (see module doc)
+        else:
+            self._cache = self._cache if self._cache is not None else DynamicCache(config=self.model.config.get_text_config())
+            inputs[CACHE_KWARG] = self._cache
+        new_images = self.images[self._cached_images :]
+        if new_images:
+            dtype = next(self.model.parameters()).dtype
+            inputs["pixel_values"] = torch.stack([self.image_transform(im) for im in new_images]).to(device, dtype)
+        if beams:  # transformers cannot stream beam search: the answer comes as one piece
+            seq = model_generate(self.model, **inputs, **kwargs)[0].tolist()
+            out.append(seq)
+            yield self.tokenizer.decode(seq[len(ids) :], skip_special_tokens=True)
             return
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                self.model.generate(**inputs, **kwargs, streamer=streamer)
+                seq = model_generate(self.model, **inputs, **kwargs, streamer=streamer)
+                if seq is not None:
+                    out.append(seq[0].tolist())
             except BaseException as e:
                 errors.append(e)
                 streamer.end()
@@ -123,12 +149,18 @@ class ChatSession:
         if errors:
             raise errors[0]
 
-
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    cuts = [text.find(s) for s in stops if s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    def _settle(self, prompt: list[int], generated: list[int], visible: str) -> None:
+        """Keep the generated ids up to the end of the answer's turn end and crop the cache to
+        match: the longest prefix of `generated` whose text starts `visible + turn_end` is kept
+        as produced; whatever the model did not say (the turn end after EOS or the token budget,
+        or the rest of a token that ran past a stop string) is encoded and appended."""
+        target = visible + self.template.turn_end
+        keep = len(generated)
+        while keep and not target.startswith(self.tokenizer.decode(generated[:keep], skip_special_tokens=False)):
+            keep -= 1
+        tail = target[len(self.tokenizer.decode(generated[:keep], skip_special_tokens=False)) :]
+        self.ids = prompt + generated[:keep] + (self.tokenizer.encode(tail, add_special_tokens=False) if tail else [])
+        if self._cache is not None:  # it holds every id fed to the model: all but the last generated
+            extra = self._cache.get_seq_length() - (len(prompt) + min(keep, max(len(generated) - 1, 0)))
+            if extra > 0:
+                self._cache.crop(-extra)

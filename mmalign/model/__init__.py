@@ -10,7 +10,9 @@ from mmalign.model.build import (
     load_model,
     model_from_config,
     num_image_tokens,
+    quantization_config,
     template_of,
+    weight_bytes,
 )
 from mmalign.model.checkpoint import export, load_trainable, save_trainable
 from mmalign.model.freeze import POLICIES, FreezeReport, apply_freeze, eval_frozen
@@ -43,5 +45,7 @@ __all__ = [
     "load_trainable",
     "merge_patches",
     "num_image_tokens",
+    "quantization_config",
     "save_trainable",
+    "weight_bytes",
 ]

@@ -337,18 +337,69 @@ def _build_llava_like(spec: ModelSpec, lm: PreTrainedModel, image_id: int) -> Ll
     return model
 
 
+# Kept in full precision when the LLM is quantized, as MiniGPT-4's low-resource demo keeps its
+# vision encoder: the vision tower, the Q-Former / projector and the LM head (patterns match a
+# module name from its start, or as a suffix).
+FULL_PRECISION_MODULES = {
+    "blip-2": ["vision_model", "qformer", "language_projection", "language_model.lm_head"],
+    "llava": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+    "minigpt4_patch": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+}
+LOAD_IN = ("8bit", "4bit")
+
+
+def quantization_config(config: PreTrainedConfig, load_in: str, device: str | torch.device, dtype: Any = None) -> Any:
+    """The transformers quantization config for ``--load-in 8bit|4bit`` on ``device``.
+
+    CUDA: bitsandbytes (LLM.int8() / NF4), as MiniGPT-4's low-resource demo. CPU: torchao's
+    int8 weight-only quantization for 8bit (bitsandbytes' CPU 8-bit path casts to float16 and
+    is slow), bitsandbytes' CPU backend for NF4 4bit (its CPU kernels need every LLM layer
+    width to be a multiple of its block size, 64).
+    """
+    if load_in not in LOAD_IN:
+        raise ValueError(f"load_in must be one of {LOAD_IN}, got {load_in!r}")
+    skip = FULL_PRECISION_MODULES[config.model_type]
+    cpu = torch.device(device).type == "cpu"
+    if cpu and load_in == "4bit":
+        text = config.get_text_config()
+        widths = {"hidden_size": text.hidden_size, "intermediate_size": getattr(text, "intermediate_size", 0)}
+        if bad := {k: v for k, v in widths.items() if v % 64}:
+            raise ValueError(f"4bit on CPU (bitsandbytes NF4) needs LLM widths divisible by 64, got {bad}; "
+                             "use load_in='8bit' (torchao int8) or a CUDA device")  # fmt: skip
+    if cpu and load_in == "8bit":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip)
+    from transformers import BitsAndBytesConfig
+
+    if load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip,
+                              bnb_4bit_compute_dtype=dtype or torch.float16)  # fmt: skip
+
+
 def load_model(
     path_or_id: str,
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    load_in: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load an exported folder / hub id (any of the three archs) and its tokenizer."""
+    """Load an exported folder / hub id (any of the three archs) and its tokenizer.
+
+    ``load_in="8bit"|"4bit"`` quantizes the LLM's linear layers on load (see
+    ``quantization_config``); the vision side and the LM head keep ``dtype``."""
     kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs).to(device)
+    if load_in:
+        config = AutoConfig.from_pretrained(path_or_id)
+        kwargs["quantization_config"] = quantization_config(config, load_in, device, dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path_or_id, device_map={"": str(device)}, **kwargs)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs).to(device)
     tok = AutoTokenizer.from_pretrained(path_or_id)
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     if IMAGE_TOKEN not in tok.all_special_tokens or image_id != model.config.image_token_index:
@@ -357,6 +408,34 @@ def load_model(
             f"config.image_token_index={model.config.image_token_index}"
         )
     return model, tok
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, counting a quantized tensor subclass
+    (torchao) by its inner tensors and a bitsandbytes weight by its packed storage."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(nbytes(getattr(t, n)) for n in names)
+        return t.numel() * t.element_size()
+
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += nbytes(t) + sum(nbytes(s) for s in _bnb_state_tensors(t))
+    return total
+
+
+def _bnb_state_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The scales bitsandbytes keeps beside a quantized weight (absmax, SCB)."""
+    out = [getattr(t, "SCB", None)]
+    qs = getattr(t, "quant_state", None)
+    if qs is not None:
+        out += [getattr(qs, "absmax", None), getattr(getattr(qs, "state2", None), "absmax", None)]
+    return [x for x in out if isinstance(x, torch.Tensor)]
 
 
 def model_from_config(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -490,6 +569,8 @@ __all__ = [
     "template_of",
     "build_model",
     "load_model",
+    "quantization_config",
+    "weight_bytes",
     "num_image_tokens",
     "check_image_tokens",
     "image_processor_for",

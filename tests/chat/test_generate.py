@@ -89,3 +89,65 @@ def test_wrong_image_token_count_raises(tiny):
         generate_batch(model, tok, TEMPLATE, [(None, with_marker)], transform, max_new_tokens=2)  # tokens, no image
     with pytest.raises(ValueError, match="image tokens"):  # one row of a batch is enough
         generate_batch(model, tok, TEMPLATE, [(red, with_marker), (red, no_marker)], transform, max_new_tokens=2)
+
+
+def _rows(model, tok, items, **kw):
+    from mmalign.chat.generate import Row
+    from mmalign.model import num_image_tokens
+    from mmalign.prompts import build_generation_prompt
+
+    transform = image_transform_for(model)
+    n = num_image_tokens(model.config)
+    return [Row(build_generation_prompt(tok, TEMPLATE, turns, n, system=None), [transform(im)] if im else [], **kw)
+            for im, turns in items]  # fmt: skip
+
+
+def test_rows_in_one_batch_answer_as_they_do_alone(tiny):
+    from mmalign.chat.generate import generate_rows
+
+    model, tok = tiny
+    items = _items(text_only=model.config.model_type != "blip-2")
+    alone = []
+    for i, row in enumerate(_rows(model, tok, items)):
+        row.max_new_tokens = 3 + i
+        generate_rows(model, tok, TEMPLATE, [row])
+        alone.append(row)
+    streamed: dict[int, list[str]] = {i: [] for i in range(len(items))}
+    rows = _rows(model, tok, items)
+    for i, row in enumerate(rows):
+        row.max_new_tokens = 3 + i
+        row.on_text = streamed[i].append
+    generate_rows(model, tok, TEMPLATE, rows)
+    assert [r.token_ids for r in rows] == [r.token_ids for r in alone]
+    assert [r.text for r in rows] == [r.text for r in alone]
+    assert all("".join(streamed[i]) == r.text for i, r in enumerate(rows))
+    assert [len(r.token_ids) for r in rows] == [3 + i for i in range(len(rows))]  # each its own budget
+    assert all(r.finish_reason == "length" for r in rows)
+    # the same answers as generate_batch gives (stripped of the row budget's cut)
+    want = generate_batch(model, tok, TEMPLATE, items, image_transform_for(model), max_new_tokens=3)
+    assert [r.text.strip() for r in _run(model, tok, items, max_new_tokens=3)] == want
+
+
+def _run(model, tok, items, **kw):
+    from mmalign.chat.generate import generate_rows
+
+    rows = _rows(model, tok, items, **kw)
+    generate_rows(model, tok, TEMPLATE, rows)
+    return rows
+
+
+def test_row_stop_strings_and_cancel(tiny):
+    model, tok = tiny
+    items = _items(text_only=False)[:2]
+    full = _run(model, tok, items, max_new_tokens=8)
+    text = full[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip()
+    rows = _rows(model, tok, items, max_new_tokens=8)
+    rows[0].stop = (stop,)
+    rows[1].cancelled.set()
+    from mmalign.chat.generate import generate_rows
+
+    generate_rows(model, tok, TEMPLATE, rows)
+    assert rows[0].text == text[: text.index(stop)] and rows[0].finish_reason == "stop"
+    assert rows[1].finish_reason == "cancelled" and len(rows[1].token_ids) == 1

@@ -10,9 +10,10 @@ from PIL import Image
 
 import mmalign.chat.session as session_mod
 from mmalign.chat.generate import generate_batch
-from mmalign.chat.session import ChatSession, _cut_at_stop, _stop_prefix_len
+from mmalign.chat.session import ChatSession, _cut_at_stop, _stop_prefix_len, cut_at_stop
 from mmalign.model import build_model, image_transform_for, num_image_tokens
 from mmalign.prompts import get_template
+from mmalign.recipes import get_recipe
 
 TEMPLATE = "minigpt4_v0"
 MARKER = get_template(TEMPLATE).image_marker  # "<Img><ImageHere></Img>"
@@ -84,7 +85,7 @@ def test_multi_turn_marks_the_image_only_in_the_first_user_turn(session, calls):
     n = num_image_tokens(session.model.config)
     first, second = calls[0]["input_ids"][0], calls[1]["input_ids"][0]
     assert n_image_tokens(first, session.model) == n_image_tokens(second, session.model) == n
-    assert "pixel_values" in calls[1]  # every turn sees the image
+    assert "pixel_values" not in calls[1]  # the image's features are in the cache already
     assert len(second) > len(first) and torch.equal(second[: len(first)], first)  # history is a prefix
 
 
@@ -232,3 +233,110 @@ def test_stop_prefix_len(text, hold):
 def test_stop_prefix_len_longest_over_stops():
     assert _stop_prefix_len("ok</s", ("###", "</s>")) == 3
     assert _stop_prefix_len("ok<", ("###", "</s>")) == 1
+
+
+# --------------------------------------------------------------------------- KV cache reuse
+
+QUESTIONS = ["What is this?", "And the color?", "How many shapes are there?", "Describe this image in detail."]
+
+
+def _chat(session, image_turns: dict[int, Image.Image], **gen) -> list[str]:
+    answers = []
+    for i, q in enumerate(QUESTIONS):
+        if i in image_turns:
+            session.add_image(image_turns[i])
+        answers.append("".join(session.ask(q, max_new_tokens=6, **gen)))
+    return answers
+
+
+@pytest.mark.parametrize("arch", ["minigpt4_patch", "minigpt4", "llava", "toy-minigpt4"])
+def test_kv_reuse_gives_the_same_greedy_answers_as_re_encoding(tiny_spec, arch):
+    torch.manual_seed(0)
+    model, tok = build_model(get_recipe(arch).spec if arch.startswith("toy") else tiny_spec(arch))
+    blue = Image.new("RGB", (30, 40), (20, 20, 200))
+    reuse = ChatSession(model, tok, TEMPLATE, image_transform_for(model))
+    fresh = ChatSession(model, tok, TEMPLATE, image_transform_for(model), kv_reuse=False)
+    images = {0: red(), 2: blue}  # a second image mid-conversation
+    got, want = _chat(reuse, images), _chat(fresh, images)
+    assert got == want and reuse.turns == fresh.turns and reuse.ids == fresh.ids
+    if arch.startswith("toy"):  # the trained toy LLM answers each question differently
+        assert len(set(got)) > 2, got
+    assert sum(t["content"].count("<ImageHere>") for t in reuse.turns) == 2
+    assert reuse._cached_images == 2 and fresh._cache is None
+
+
+def test_later_turns_feed_only_new_tokens_and_new_images(session, calls):
+    blue = Image.new("RGB", (30, 40), (20, 20, 200))
+    session.set_image(red())
+    list(session.ask("What is this?", max_new_tokens=5))
+    after_first = list(session.ids)
+    list(session.ask("And the color?", max_new_tokens=5))
+    session.add_image(blue)
+    list(session.ask("What about this one?", max_new_tokens=5))
+
+    first, second, third = calls
+    cache = first["cache"]
+    assert second["cache"] is cache and third["cache"] is cache  # one cache for the whole conversation
+    # the ids the model produced are kept as they were, the next user turn appended after them
+    assert second["input_ids"][0, : len(after_first)].tolist() == after_first
+    assert "pixel_values" not in second
+    assert torch.equal(third["pixel_values"], session.image_transform(blue)[None])  # only the new image
+    assert session.turns[4]["content"] == f"{MARKER} What about this one?"
+
+
+def test_the_cache_holds_exactly_the_conversation_ids(session):
+    """After each turn the cache is the model's keys for a prefix of `session.ids` (checked
+    against a fresh forward of those ids and the image)."""
+    session.set_image(red())
+    for q in QUESTIONS[:3]:
+        list(session.ask(q, max_new_tokens=7))
+        n = session._cache.get_seq_length()
+        assert len(session.ids) - 3 <= n <= len(session.ids)  # at most the uncached turn end
+        ids = torch.tensor([session.ids[:n]])
+        pixels = session.image_transform(session.image)[None]
+        with torch.no_grad():
+            ref = session.model(input_ids=ids, pixel_values=pixels, use_cache=True).past_key_values
+        for layer, ref_layer in zip(session._cache.layers, ref.layers):
+            assert torch.allclose(layer.keys, ref_layer.keys, atol=1e-5)
+            assert torch.allclose(layer.values, ref_layer.values, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "said, ids_tail",
+    [
+        (" a red circle", " a red circle###"),  # ran out of tokens: the turn end is added
+        (" a red circle</s>", " a red circle###"),  # EOS instead of the template's stop: dropped
+        (" a red circle###", " a red circle###"),  # a clean stop: kept as produced
+    ],
+)
+def test_settle_ends_the_answer_with_the_turn_end(session, said, ids_tail):
+    tok = session.tokenizer
+    prompt = [5, 6, 7]
+    generated = tok.encode(said, add_special_tokens=False)
+    visible = cut_at_stop(tok.decode(generated, skip_special_tokens=True), ("###",))[0]
+    session._settle(prompt, generated, visible)
+    assert session.ids[:3] == prompt
+    assert tok.decode(session.ids[3:]) == ids_tail
+    if said.endswith("###"):
+        assert session.ids[3:] == generated  # the model's own ids, not a re-tokenisation
+
+
+def test_beam_search_re_encodes_and_the_next_turn_rebuilds_the_cache(session, calls):
+    session.set_image(red())
+    list(session.ask("What is this?", max_new_tokens=4))
+    _consume(session.ask("And the color?", num_beams=2, max_new_tokens=4))
+    list(session.ask("How many?", max_new_tokens=4))
+    greedy1, beam, greedy2 = calls
+    assert "cache" not in beam and "pixel_values" in beam  # the whole conversation, image included
+    assert beam["input_ids"].shape[1] > greedy1["input_ids"].shape[1]
+    assert greedy2["cache"] is not greedy1["cache"] and "pixel_values" in greedy2
+    assert len(session.turns) == 6
+
+
+def test_sampling_settings_reach_generate(session, calls):
+    session.set_image(red())
+    torch.manual_seed(1)
+    list(session.ask("What is this?", do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=4))
+    (call,) = calls
+    assert call["do_sample"] is True and call["temperature"] == 0.7 and call["top_p"] == 0.9
+    assert session.turns[-1]["role"] == "assistant"

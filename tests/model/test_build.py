@@ -180,3 +180,98 @@ def test_minigpt4_takes_qformer_from_a_blip2_vision_checkpoint(tmp_path, build, 
     assert torch.equal(model.query_tokens, donor.query_tokens)
     for k, v in donor.qformer.state_dict().items():
         assert torch.equal(model.qformer.state_dict()[k], v), k
+
+
+# --------------------------------------------------------------------------- quantized loading
+
+
+def _linear_weights(model):
+    return {n: type(m.weight).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _llm_bytes(model) -> int:
+    from mmalign.model import weight_bytes
+
+    return sum(weight_bytes(m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _llm_layer(n))
+
+
+def _llm_layer(name: str) -> bool:
+    return ".layers." in name and "vision" not in name and "qformer" not in name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_in_8bit_on_cpu_quantizes_the_llm_only(tmp_path, build, arch):
+    from mmalign.model import export, load_model, weight_bytes
+
+    model, tok = build(arch)
+    export(model, tok, tmp_path, template="minigpt4_v0")
+    q, _ = load_model(str(tmp_path), load_in="8bit")
+    kinds = _linear_weights(q)
+    assert kinds and all(("Int8" in k) == _llm_layer(n) for n, k in kinds.items()), kinds  # torchao int8
+    assert weight_bytes(q) < weight_bytes(model)
+    assert _llm_bytes(q) < 0.3 * _llm_bytes(model)  # int8 + one scale per row vs float32
+    inputs = make_inputs(model, tok)
+    with torch.no_grad():
+        ref, got = model(**inputs).logits, q(**inputs).logits
+    assert ((got - ref).abs().max() / ref.std()).item() < 0.1
+
+
+def test_load_in_4bit_on_cpu_uses_bitsandbytes_nf4(tmp_path, build):
+    from mmalign.model import export, load_model, weight_bytes
+
+    llm = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=400, max_position_embeddings=256)  # fmt: skip
+    model, tok = build("minigpt4_patch", llm={**llm, "vocab_size": 405})
+    export(model, tok, tmp_path, template="minigpt4_v0")
+    q, _ = load_model(str(tmp_path), load_in="4bit")
+    kinds = _linear_weights(q)
+    assert all((k == "Params4bit") == _llm_layer(n) for n, k in kinds.items()), kinds
+    assert _llm_bytes(q) < 0.2 * _llm_bytes(model)  # 4 bits + block scales vs float32
+    inputs = make_inputs(model, tok)
+    with torch.no_grad():
+        ref, got = model(**inputs).logits, q(**inputs).logits
+    assert torch.isfinite(got).all()
+    corr = torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1].item()
+    assert corr > 0.9, corr  # NF4 is coarse, yet the logits still follow the float32 ones
+
+
+def test_load_in_4bit_on_cpu_refuses_widths_bitsandbytes_cannot_pack(tmp_path, build):
+    from mmalign.model import export, load_model
+
+    model, tok = build("minigpt4_patch")  # hidden 32
+    export(model, tok, tmp_path, template="minigpt4_v0")
+    with pytest.raises(ValueError, match="divisible by 64"):
+        load_model(str(tmp_path), load_in="4bit")
+
+
+def test_cuda_quantization_is_bitsandbytes_with_vision_and_projector_kept(build):
+    from transformers import BitsAndBytesConfig
+
+    from mmalign.model import quantization_config
+
+    for arch, kept in [("minigpt4", "qformer"), ("llava", "model.multi_modal_projector")]:
+        model, _ = build(arch)
+        for load_in in ("8bit", "4bit"):
+            cfg = quantization_config(model.config, load_in, "cuda:0", torch.float16)
+            assert isinstance(cfg, BitsAndBytesConfig) and kept in cfg.llm_int8_skip_modules
+            assert cfg.load_in_8bit == (load_in == "8bit") and cfg.load_in_4bit == (load_in == "4bit")
+    with pytest.raises(ValueError, match="load_in"):
+        quantization_config(model.config, "3bit", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 8-bit / 4-bit needs CUDA")
+@pytest.mark.parametrize("load_in", ["8bit", "4bit"])
+def test_load_in_bitsandbytes_on_cuda(tmp_path, build, load_in):
+    from mmalign.model import export, load_model
+
+    llm = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=405, max_position_embeddings=256)  # fmt: skip
+    model, tok = build("llava", llm=llm)
+    export(model, tok, tmp_path, template="minigpt4_v0")
+    q, _ = load_model(str(tmp_path), load_in=load_in, device="cuda", dtype=torch.float16)
+    kinds = _linear_weights(q)
+    assert all((k in ("Int8Params", "Params4bit")) == _llm_layer(n) for n, k in kinds.items()), kinds
+    inputs = {k: v.to("cuda") for k, v in make_inputs(model, tok).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].half()
+    out = q.generate(**{k: v for k, v in inputs.items() if k != "labels"}, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4

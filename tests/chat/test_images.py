@@ -1,0 +1,116 @@
+"""Safe image decoding: only data: URLs by default, limits on pixels, bytes and time."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from mmalign.chat.images import ImageError, ImagePolicy, decode_image, load_image_url
+
+
+def png(size=(20, 10), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 120).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def test_data_url_decodes_to_rgb():
+    im = load_image_url(data_url(png(mode="L")))
+    assert im.mode == "RGB" and im.size == (20, 10)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (250, 0, 0)).save(jpeg, "JPEG")
+    assert load_image_url(data_url(jpeg.getvalue(), "image/jpeg")).size == (8, 8)
+
+
+@pytest.mark.parametrize(
+    "url, code",
+    [
+        ("file:///etc/passwd", "unsupported_image_url"),
+        ("/etc/passwd", "unsupported_image_url"),
+        ("C:\\images\\cat.png", "unsupported_image_url"),
+        ("ftp://host/cat.png", "unsupported_image_url"),
+        ("http://127.0.0.1:9/cat.png", "remote_images_disabled"),
+        ("https://example.com/cat.png", "remote_images_disabled"),
+        ("data:image/png;base64,%%%", "invalid_base64"),
+        ("data:image/png;base64,aGVsbG8", "invalid_base64"),  # bad padding
+        ("data:image/png," + "x" * 10, "invalid_image"),  # not base64
+        ("data:text/plain;base64," + base64.b64encode(png()).decode(), "invalid_image"),
+        (data_url(b"GIF89a but not really"), "invalid_image"),
+        (data_url(png()[:40]), "invalid_image"),  # truncated
+    ],
+)
+def test_refused_urls(url, code):
+    with pytest.raises(ImageError) as e:
+        load_image_url(url)
+    assert e.value.code == code
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    big = png((3000, 3000))  # a few kB compressed, 9 Mpx decoded
+    assert len(big) < 100_000
+    with pytest.raises(ImageError, match="over the limit") as e:
+        decode_image(big, max_pixels=1000 * 1000)
+    assert e.value.code == "image_too_large"
+    assert decode_image(big, max_pixels=3000 * 3000).size == (3000, 3000)
+
+
+def test_byte_limit_on_data_urls():
+    with pytest.raises(ImageError) as e:
+        load_image_url(data_url(png()), ImagePolicy(max_bytes=10))
+    assert e.value.code == "image_too_large"
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    FILES = {"/ok.png": png(), "/big.png": png() + b"\0" * 50_000}
+
+    def do_GET(self):  # noqa: N802
+        if self.path == "/slow.png":
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(20):  # trickles for ~2 s
+                    self.wfile.write(b"\0" * 10)
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:  # the client gave up, as it should
+                pass
+            return
+        body = self.FILES.get(self.path)
+        self.send_response(200 if body else 404)
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def files():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_remote_fetch_only_when_allowed_and_limited(files):
+    allow = ImagePolicy(allow_remote=True, max_bytes=20_000, timeout_s=0.5)
+    with pytest.raises(ImageError):
+        load_image_url(files + "/ok.png")  # refused by default
+    assert load_image_url(files + "/ok.png", allow).size == (20, 10)
+    for path, code in [("/big.png", "image_too_large"), ("/missing.png", "image_fetch_failed"),
+                       ("/slow.png", "image_fetch_timeout")]:  # fmt: skip
+        t0 = time.monotonic()
+        with pytest.raises(ImageError) as e:
+            load_image_url(files + path, allow)
+        assert e.value.code == code, (path, e.value)
+        assert time.monotonic() - t0 < 1.5
