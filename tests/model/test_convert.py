@@ -519,3 +519,20 @@ def test_converted_folders_load_with_plain_transformers(tok, minigpt4_dir, clip_
     assert "USER: <image>\\nWhat is it? ASSISTANT:" in run.stdout  # the chat template, as vicuna_v1
     for name, (_, work) in jobs.items():
         torch.testing.assert_close(torch.load(f"{work}/plain_logits.pt"), expected[name])
+
+
+def test_cli_convert(originals, tok, clip_dirs, tmp_path, capsys):
+    from mmalign.cli import main
+
+    write_llava_checkpoint(tmp_path / "llava", tok, model_type="llava", arch="LlavaLlamaForCausalLM",
+                           tower=str(clip_dirs / "clip-336"), seed=60)  # fmt: skip
+    main(["convert", "llava", "--checkpoint", str(tmp_path / "llava"), "--out", str(tmp_path / "out"), "--dtype", "bfloat16"])
+    assert capsys.readouterr().out.strip().endswith("out")
+    model, _ = load_model(str(tmp_path / "out"))
+    assert type(model) is LlavaForConditionalGeneration and model.dtype == torch.bfloat16
+    args = ["convert", "minigpt4", "--projection", str(originals / "pretrained_minigpt4_llama2_7b.pth"),
+            "--llm", str(originals / "vicuna"), "--vit", str(originals / "eva_vit_g.pth"), "--out", str(tmp_path / "m")]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"mmalign convert minigpt4: error: .*--vit-heads"):
+        main(args)  # a tiny EVA's head count cannot be guessed
+    main([*args, "--vit-layers", "2", "--vit-heads", "2"])
+    assert template_of(tmp_path / "m") == "llama2"
