@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     vs = v.add_subparsers(dest="source", required=True)
     vm = vs.add_parser("minigpt4", help="MiniGPT-4 stage-2 .pth + BLIP-2 / EVA weights + LLM folder")
     vm.add_argument("--projection", required=True, help="MiniGPT-4 checkpoint .pth (holds llama_proj)")
-    vm.add_argument("--blip2", help="LAVIS blip2_pretrained_flant5xxl.pth or a HF Blip2 folder / hub id (Vicuna variant)")
+    vm.add_argument("--blip2", help="LAVIS blip2_pretrained_flant5xxl.pth, or a HF Blip2 folder / hub id (Vicuna)")
     vm.add_argument("--vit", help="LAVIS eva_vit_g.pth (with a LAVIS --blip2; alone for the Llama-2 variant)")
     vm.add_argument("--llm", required=True, help="Vicuna / Llama-2-chat HF folder or hub id")
     vm.add_argument("--vit-layers", type=int, default=39, help="EVA blocks kept (MiniGPT-4: 39 of 40)")

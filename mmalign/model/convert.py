@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from tqdm import tqdm
@@ -68,6 +68,7 @@ class Rename:
 
 
 # LAVIS / MiniGPT-4 names (eva_vit.py, Qformer.py, minigpt4.py) -> HF Blip2 / minigpt4_patch.
+_QF, _HF_QF = "Qformer.bert.encoder.layer.{i}.", "qformer.encoder.layer.{i}."
 MINIGPT4_RENAMES: tuple[Rename, ...] = (
     Rename("visual_encoder.cls_token", "{vision}embeddings.class_embedding"),
     Rename("visual_encoder.pos_embed", "{vision}embeddings.position_embedding"),
@@ -83,10 +84,10 @@ MINIGPT4_RENAMES: tuple[Rename, ...] = (
     Rename("ln_vision.{p}", "{vision}post_layernorm.{p}"),  # applied to the ViT output, as HF's post_layernorm
     Rename("query_tokens", "query_tokens"),
     Rename("Qformer.bert.embeddings.LayerNorm.{p}", "qformer.layernorm.{p}"),
-    Rename("Qformer.bert.encoder.layer.{i}.{attn}.self.{qkv}.{p}", "qformer.encoder.layer.{i}.{attn}.attention.{qkv}.{p}"),
-    Rename("Qformer.bert.encoder.layer.{i}.{attn}.output.{m}.{p}", "qformer.encoder.layer.{i}.{attn}.output.{m}.{p}"),
-    Rename("Qformer.bert.encoder.layer.{i}.intermediate_query.dense.{p}", "qformer.encoder.layer.{i}.intermediate_query.dense.{p}"),
-    Rename("Qformer.bert.encoder.layer.{i}.output_query.{m}.{p}", "qformer.encoder.layer.{i}.output_query.{m}.{p}"),
+    Rename(_QF + "{attn}.self.{qkv}.{p}", _HF_QF + "{attn}.attention.{qkv}.{p}"),  # attention / crossattention
+    Rename(_QF + "{attn}.output.{m}.{p}", _HF_QF + "{attn}.output.{m}.{p}"),
+    Rename(_QF + "intermediate_query.dense.{p}", _HF_QF + "intermediate_query.dense.{p}"),
+    Rename(_QF + "output_query.{m}.{p}", _HF_QF + "output_query.{m}.{p}"),
     Rename("llama_proj.{p}", "{projector}{p}"),
     Rename("model.{rest}", "{text}{rest}"),  # the Vicuna / Llama-2 folder (HF LlamaForCausalLM names)
     Rename("lm_head.weight", "{lm_head}"),
@@ -299,8 +300,9 @@ def _eva_config(t: Mapping[str, torch.Tensor], prefix: str, layers: int, heads: 
 
 def _qformer_config(t: Mapping[str, torch.Tensor], encoder_width: int, heads: int | None) -> Blip2QFormerConfig:
     """Blip2QFormerConfig from the Q-Former's tensors: width, depth, FFN size, cross-attention layers."""
-    layers = sorted({int(m.group(1)) for n in t if (m := re.match(r"qformer\.encoder\.layer\.(\d+)\.", n))})
-    cross = sorted({int(m.group(1)) for n in t if (m := re.match(r"qformer\.encoder\.layer\.(\d+)\.crossattention\.", n))})  # fmt: skip
+    layer = re.compile(r"qformer\.encoder\.layer\.(\d+)\.(crossattention\.)?")
+    found = [(int(m[1]), bool(m[2])) for n in t if (m := layer.match(n))]
+    layers, cross = sorted({i for i, _ in found}), sorted({i for i, c in found if c})
     if not layers or not cross or cross[0] != 0:
         raise ConversionError("the Q-Former has no layers, or layer 0 has no cross-attention: not a BLIP-2 Q-Former")
     freq = cross[1] if len(cross) > 1 else len(layers)
@@ -317,15 +319,18 @@ def _qformer_config(t: Mapping[str, torch.Tensor], encoder_width: int, heads: in
     )  # fmt: skip
 
 
+_LLAVA_FIELDS = {"model_type", "architectures", "_name_or_path", "transformers_version", "use_mm_proj",
+                 "image_aspect_ratio", "image_grid_pinpoints", "tokenizer_padding_side", "tokenizer_model_max_length"}
+_LLAVA_FIELD = re.compile(r"mm_|tune_mm|freeze_mm|unfreeze_mm")
+
+
 def _text_config_from_llava(raw: dict[str, Any]) -> PreTrainedConfig:
     """The LLM's config from an original LLaVA config.json (LLaVA's own fields dropped)."""
     archs = raw.get("architectures") or []
     kinds = {LLAVA_TEXT_TYPES[a] for a in archs if a in LLAVA_TEXT_TYPES}
     if len(kinds) != 1:
         raise ConversionError(f"config.json architectures {archs}: expected one of {sorted(LLAVA_TEXT_TYPES)}")
-    drop = ("model_type", "architectures", "_name_or_path", "transformers_version", "use_mm_proj",
-            "image_aspect_ratio", "image_grid_pinpoints", "tokenizer_padding_side", "tokenizer_model_max_length")  # fmt: skip
-    fields = {k: v for k, v in raw.items() if k not in drop and not re.match(r"(mm_|tune_mm|freeze_mm|unfreeze_mm)", k)}
+    fields = {k: v for k, v in raw.items() if k not in _LLAVA_FIELDS and not _LLAVA_FIELD.match(k)}
     if fields.get("rope_scaling", 0) is None:  # the legacy "no scaling" spelling
         del fields["rope_scaling"]
     return AutoConfig.for_model(kinds.pop(), **fields)
@@ -335,10 +340,18 @@ def _text_config_from_llava(raw: dict[str, Any]) -> PreTrainedConfig:
 
 
 def _check(
-    model: PreTrainedModel, tensors: Tensors, origin: Mapping[str, str], where: str, parts: tuple[str, ...] | None
+    model: PreTrainedModel,
+    tensors: Tensors,
+    origin: Mapping[str, str],
+    where: str,
+    parts: tuple[str, ...] = ("",),
+    back: Callable[[str], str] = str,
 ) -> None:
-    """Every tensor has a place of the same shape; every place (under ``parts`` prefixes) a tensor."""
-    expected = {n: t.shape for n, t in model.state_dict().items()}
+    """The tensors are exactly the model's ``parts`` (name prefixes), with the model's shapes.
+
+    Errors name original tensors: ``origin`` maps target -> original name, ``back`` gives the
+    original name a missing target would have come from."""
+    expected = {n: t.shape for n, t in model.state_dict().items() if n.startswith(parts)}
     unexpected = [f"{origin.get(n, n)} (as {n})" for n in tensors if n not in expected]
     if unexpected:
         raise ConversionError(f"{where}: tensor(s) the model has no place for: {_names(unexpected)}")
@@ -349,10 +362,9 @@ def _check(
     ]
     if wrong:
         raise ConversionError(f"{where}: wrong shape(s): {'; '.join(wrong[:8])}")
-    if parts is not None:
-        missing = [n for n in expected if n.startswith(parts) and n not in tensors]
-        if missing:
-            raise ConversionError(f"{where}: missing tensor(s): {_names(missing)}")
+    missing = [back(n) for n in expected if n not in tensors]
+    if missing:
+        raise ConversionError(f"{where}: missing tensor(s): {_names(missing)}")
 
 
 def _skeleton(cls: type[PreTrainedModel], config: PreTrainedConfig) -> PreTrainedModel:
@@ -368,10 +380,7 @@ def _finish(
 ) -> PreTrainedModel:
     """Assign the tensors (strict), grow the embeddings for ``<image>``, copy special ids."""
     text_cfg = model.config.text_config
-    lm_head = next(n for n in model.state_dict() if n.endswith("lm_head.weight"))
-    if lm_head not in tensors and getattr(text_cfg, "tie_word_embeddings", False):
-        tensors[lm_head] = tensors[next(n for n in tensors if n.endswith("embed_tokens.weight"))]
-    _check(model, tensors, {}, "assembled model", ("",))
+    _check(model, tensors, {}, "assembled model")
     target = dtype or tensors[next(n for n in tensors if n.endswith("embed_tokens.weight"))].dtype
     model.load_state_dict({n: t.to(target) for n, t in tensors.items()}, strict=True, assign=True)
     model.tie_weights()
@@ -435,83 +444,93 @@ def convert_minigpt4(
     Template default: ``minigpt4_v0`` (Vicuna) / ``llama2``.
     """
     hf_blip2 = blip2 is not None and not Path(blip2).is_file()
-    arch = "blip-2" if blip2 is not None else "minigpt4_patch"
-    if arch == "minigpt4_patch" and vit is None:
+    if blip2 is None and vit is None:
         raise ConversionError("give the vision side: blip2 (Vicuna variant) or vit (Llama-2 variant)")
     if hf_blip2 and vit is not None:
         raise ConversionError(f"{blip2} is a HF Blip2 folder holding its own ViT: drop vit")
+    arch = "blip-2" if blip2 is not None else "minigpt4_patch"
     prefixes = PREFIXES[arch]
-    sources: dict[str, Tensors] = {str(projection): load_original(projection, allow_pickle=allow_pickle)}
-    if blip2 is not None and not hf_blip2:
-        sources[str(blip2)] = load_original(blip2, allow_pickle=allow_pickle)
-    if vit is not None:
-        eva = load_original(vit, allow_pickle=allow_pickle)  # eva_vit_g.pth: bare EVA names
-        sources[str(vit)] = {k if k.startswith("visual_encoder.") else "visual_encoder." + k: v for k, v in eva.items()}
-    original = _merge(sources)
-    too_deep = [n for n in original if (m := re.match(r"visual_encoder\.blocks\.(\d+)\.", n)) and int(m[1]) >= vit_layers]
-    if too_deep:
-        log.info("EVA blocks >= %d not used (MiniGPT-4 builds the first %d): %d tensors", vit_layers, vit_layers,
-                 len(too_deep))  # fmt: skip
-        original = {k: v for k, v in original.items() if k not in too_deep}
-    tensors, origin = rename(original, MINIGPT4_RENAMES, MINIGPT4_IGNORED, prefixes)
-    llm_parts = (prefixes["text"], prefixes["lm_head"])
-    if any(n.startswith(llm_parts) for n in tensors):
-        raise ConversionError(f"LLM tensors in the MiniGPT-4 files ({_names([origin[n] for n in tensors if n.startswith(llm_parts)])}): "
-                              "LoRA / fine-tuned LLMs are not supported; the LLM comes from --llm")  # fmt: skip
-
-    text_cfg = AutoConfig.from_pretrained(llm)
-    tok = _tokenizer(tokenizer if tokenizer is not None else llm)
-    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    v = prefixes["vision"]
+    files = [projection, None if hf_blip2 else blip2, vit]
+    tensors, origin = _minigpt4_originals([f for f in files if f is not None], vit, vit_layers, prefixes, allow_pickle)
     if hf_blip2:
-        src_cfg = AutoConfig.from_pretrained(str(blip2))
-        if not isinstance(src_cfg, Blip2Config):
-            raise ConversionError(f"{blip2}: not a Blip2 checkpoint (model_type {src_cfg.model_type!r})")
-        vcfg, qcfg, n_query = src_cfg.vision_config, src_cfg.qformer_config, src_cfg.num_query_tokens
-        want = [n for n in _Checkpoint(str(blip2)).weight_map if n.startswith(("vision_model.", "qformer.", "query_tokens"))]
-        from_blip2 = _read_folder(str(blip2), want, "Blip2 vision + Q-Former")
-        tensors.update(from_blip2)
-        origin.update({n: f"{blip2}:{n}" for n in from_blip2})
-    else:
-        if v + "embeddings.class_embedding" not in tensors:
-            raise ConversionError(f"no EVA ViT tensors (visual_encoder.*) in {list(sources)}: give vit (eva_vit_g.pth)")
-        vcfg = _eva_config(tensors, v, vit_layers, vit_heads)
-        if arch == "blip-2":
-            if "query_tokens" not in tensors:
-                raise ConversionError(f"missing tensor: query_tokens (not in {blip2})")
-            qcfg = _qformer_config(tensors, vcfg.hidden_size, qformer_heads)
-            n_query = tensors["query_tokens"].shape[1]
-    if arch == "blip-2":
-        qcfg.encoder_hidden_size = vcfg.hidden_size
-        config = Blip2Config(vision_config=vcfg, qformer_config=qcfg, text_config=text_cfg,
-                             num_query_tokens=n_query, image_token_index=image_id)  # fmt: skip
-        config.use_decoder_only_language_model = True
-        cls = Blip2ForConditionalGeneration
-    else:
-        if v + "post_layernorm.weight" not in tensors:  # MiniGPT-4 Llama-2: ln_vision at its init
-            width = vcfg.hidden_size
-            tensors[v + "post_layernorm.weight"], tensors[v + "post_layernorm.bias"] = torch.ones(width), torch.zeros(width)
-        config = MiniGPT4PatchConfig(vision_config=vcfg, text_config=text_cfg, image_token_index=image_id,
-                                     vision_feature_layer=None, merge_tokens=4, patch_merge="sequential")  # fmt: skip
-        config.image_seq_length = num_image_tokens(config)
-        cls = MiniGPT4PatchForConditionalGeneration
+        tensors.update(_read_hf_blip2(str(blip2), origin))
+    tok = _tokenizer(tokenizer if tokenizer is not None else llm)
+    config = _minigpt4_config(arch, tensors, str(blip2) if hf_blip2 else None, AutoConfig.from_pretrained(llm),
+                              tok.convert_tokens_to_ids(IMAGE_TOKEN), vit_layers, vit_heads, qformer_heads)  # fmt: skip
+    cls = Blip2ForConditionalGeneration if arch == "blip-2" else MiniGPT4PatchForConditionalGeneration
     model = _skeleton(cls, config)
-    _check(model, tensors, origin, "MiniGPT-4 vision side + projection", None)  # before reading the LLM
-    vision_parts = tuple(p for p in (v, "qformer.", "query_tokens", prefixes["projector"]))
-    missing = [n for n in model.state_dict() if n.startswith(vision_parts) and n not in tensors]
-    if missing:
-        raise ConversionError(f"missing tensor(s): {_names([original_name(n, MINIGPT4_RENAMES, prefixes) for n in missing])}")  # fmt: skip
-
+    back = lambda n: original_name(n, MINIGPT4_RENAMES, prefixes)  # noqa: E731
+    vision_side = (prefixes["vision"], "qformer.", "query_tokens", prefixes["projector"])
+    _check(model, tensors, origin, "MiniGPT-4 vision side + projection", vision_side, back)  # before the LLM is read
     llm_tensors, llm_origin = rename(_read_folder(llm, what=f"LLM {llm}"), MINIGPT4_RENAMES, MINIGPT4_IGNORED, prefixes)
-    stray = [llm_origin[n] for n in llm_tensors if not n.startswith(llm_parts)]
-    if stray:
-        raise ConversionError(f"{llm}: tensors that are not the LLM's: {_names(stray)}")
-    _check(model, llm_tensors, llm_origin, f"LLM {llm}", llm_parts)
-    tensors.update(llm_tensors)
-    model = _finish(model, tensors, tok, dtype)
+    _tie_lm_head(llm_tensors, model.config.text_config, prefixes)
+    _check(model, llm_tensors, llm_origin, f"LLM {llm}", (prefixes["text"], prefixes["lm_head"]), back)
+    model = _finish(model, {**tensors, **llm_tensors}, tok, dtype)
     template = template or ("minigpt4_v0" if arch == "blip-2" else "llama2")
     given = {"projection": projection, "blip2": blip2, "vit": vit, "llm": llm}
     return _write(model, tok, out, template, max_shard_size, given)
+
+
+def _minigpt4_originals(
+    files: list[str | Path], vit: str | Path | None, vit_layers: int, prefixes: Mapping[str, str], allow_pickle: bool
+) -> tuple[Tensors, dict[str, str]]:
+    """The MiniGPT-4 / LAVIS files as one renamed set (EVA blocks past ``vit_layers`` dropped)."""
+    sources: dict[str, Tensors] = {}
+    for f in files:
+        tensors = load_original(f, allow_pickle=allow_pickle)
+        if f == vit:  # eva_vit_g.pth holds bare EVA names; inside LAVIS models they sit under visual_encoder.
+            tensors = {k if k.startswith("visual_encoder.") else "visual_encoder." + k: t for k, t in tensors.items()}
+        sources[str(f)] = tensors
+    original = _merge(sources)
+    deep = re.compile(r"visual_encoder\.blocks\.(\d+)\.")
+    too_deep = [n for n in original if (m := deep.match(n)) and int(m[1]) >= vit_layers]
+    if too_deep:
+        log.info("EVA blocks >= %d unused (MiniGPT-4 builds %d): %d tensors", vit_layers, vit_layers, len(too_deep))
+    kept = {k: t for k, t in original.items() if k not in too_deep}
+    return rename(kept, MINIGPT4_RENAMES, MINIGPT4_IGNORED, prefixes)
+
+
+def _read_hf_blip2(src: str, origin: dict[str, str]) -> Tensors:
+    """ViT + Q-Former + query tokens of a HF Blip2 folder / hub id (already the target names)."""
+    wanted = ("vision_model.", "qformer.", "query_tokens")
+    names = [n for n in _Checkpoint(src).weight_map if n.startswith(wanted)]
+    tensors = _read_folder(src, names, "Blip2 ViT + Q-Former")
+    origin.update({n: f"{src}:{n}" for n in tensors})
+    return tensors
+
+
+def _minigpt4_config(
+    arch: str, t: Tensors, hf_blip2: str | None, text_cfg: PreTrainedConfig, image_id: int,
+    vit_layers: int, vit_heads: int | None, qformer_heads: int | None,
+) -> PreTrainedConfig:  # fmt: skip
+    """The target config: vision / Q-Former sub-configs from a Blip2 folder or from tensor shapes."""
+    v = PREFIXES[arch]["vision"]
+    if hf_blip2 is not None:
+        src = AutoConfig.from_pretrained(hf_blip2)
+        if not isinstance(src, Blip2Config):
+            raise ConversionError(f"{hf_blip2}: not a Blip2 checkpoint (model_type {src.model_type!r})")
+        vcfg, qcfg, n_query = src.vision_config, src.qformer_config, src.num_query_tokens
+    else:
+        if v + "embeddings.class_embedding" not in t:
+            raise ConversionError("no EVA ViT tensors (visual_encoder.*) given: give vit (eva_vit_g.pth)")
+        vcfg = _eva_config(t, v, vit_layers, vit_heads)
+    if arch == "minigpt4_patch":
+        if v + "post_layernorm.weight" not in t:  # MiniGPT-4 Llama-2 leaves ln_vision at its init
+            t[v + "post_layernorm.weight"] = torch.ones(vcfg.hidden_size)
+            t[v + "post_layernorm.bias"] = torch.zeros(vcfg.hidden_size)
+        config = MiniGPT4PatchConfig(vision_config=vcfg, text_config=text_cfg, image_token_index=image_id,
+                                     vision_feature_layer=None, merge_tokens=4, patch_merge="sequential")  # fmt: skip
+        config.image_seq_length = num_image_tokens(config)
+        return config
+    if hf_blip2 is None:
+        if "query_tokens" not in t:
+            raise ConversionError("missing tensor: query_tokens (not in the blip2 file)")
+        qcfg, n_query = _qformer_config(t, vcfg.hidden_size, qformer_heads), t["query_tokens"].shape[1]
+    qcfg.encoder_hidden_size = vcfg.hidden_size
+    config = Blip2Config(vision_config=vcfg, qformer_config=qcfg, text_config=text_cfg, num_query_tokens=n_query,
+                         image_token_index=image_id)  # fmt: skip
+    config.use_decoder_only_language_model = True
+    return config
 
 
 # --------------------------------------------------------------------------- LLaVA-1.5 / ShareGPT4V
@@ -536,32 +555,20 @@ def convert_llava(
     """
     raw = _config_json(checkpoint)
     text_cfg = _text_config_from_llava(raw)
-    ptype = raw.get("mm_projector_type", "linear")  # LLaVA's own default
-    if ptype != "mlp2x_gelu":
-        raise ConversionError(f"mm_projector_type {ptype!r}: only mlp2x_gelu (LLaVA-1.5 / ShareGPT4V) maps to HF Llava")
-    for flag in ("mm_use_im_start_end",):
-        if raw.get(flag):
-            raise ConversionError(f"{flag}: true is not supported (extra <im_start>/<im_end> tokens around the image)")
-    if raw.get("mm_patch_merge_type", "flat") != "flat":
-        raise ConversionError(f"mm_patch_merge_type {raw['mm_patch_merge_type']!r}: LLaVA-1.6 (anyres) is Llava-Next")
-    feature = raw.get("mm_vision_select_feature", "patch")
-    if feature not in LLAVA_SELECT_FEATURE:
-        raise ConversionError(f"mm_vision_select_feature {feature!r}: expected one of {sorted(LLAVA_SELECT_FEATURE)}")
-    if not isinstance(raw.get("mm_vision_select_layer"), int):
-        raise ConversionError("config.json: mm_vision_select_layer (an int, -2 for LLaVA-1.5) is missing")
+    strategy = _check_llava_config(raw)
     tower_src = vision or raw.get("mm_vision_tower")
     if not tower_src:
         raise ConversionError("config.json has no mm_vision_tower: give vision (--vision)")
     if tower_src.startswith((".", "/")) and not Path(tower_src).exists():
-        raise ConversionError(f"mm_vision_tower {tower_src!r} is a path that does not exist here: give vision (--vision)")
+        raise ConversionError(f"mm_vision_tower {tower_src!r} is a path that does not exist here: give --vision")
     vcfg = _vision_config(tower_src)
     if raw.get("mm_hidden_size") not in (None, vcfg.hidden_size):
-        raise ConversionError(f"mm_hidden_size {raw['mm_hidden_size']} != the tower's hidden size {vcfg.hidden_size} ({tower_src})")  # fmt: skip
+        raise ConversionError(f"mm_hidden_size {raw['mm_hidden_size']} != {tower_src}'s hidden size {vcfg.hidden_size}")
 
     tok = _tokenizer(tokenizer if tokenizer is not None else checkpoint)
     config = LlavaConfig(
         vision_config=vcfg, text_config=text_cfg, image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=raw["mm_vision_select_layer"], vision_feature_select_strategy=LLAVA_SELECT_FEATURE[feature],
+        vision_feature_layer=raw["mm_vision_select_layer"], vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu",
     )  # fmt: skip
     config.image_seq_length = num_image_tokens(config)
@@ -570,17 +577,40 @@ def convert_llava(
     tower_inside = raw.get("unfreeze_mm_vision_tower", False) and vision is None
     ignored = dict(LLAVA_IGNORED)
     if not tower_inside:
-        ignored[r"model\.vision_tower\.vision_tower\..+"] = f"a copy of the tower that LLaVA does not load (uses {tower_src})"
-    tensors, origin = rename(_read_folder(checkpoint, what=f"LLaVA {checkpoint}"), LLAVA_RENAMES, ignored, PREFIXES["llava"])
-    tower = "model.vision_tower."
+        ignored[r"model\.vision_tower\.vision_tower\..+"] = f"a tower copy LLaVA does not load (it runs {tower_src})"
+    original = _read_folder(checkpoint, what=f"LLaVA {checkpoint}")
+    tensors, origin = rename(original, LLAVA_RENAMES, ignored, PREFIXES["llava"])
     if not tower_inside:
+        tower = "model.vision_tower."
         tensors.update(_read_tower(tower_src, [n for n in model.state_dict() if n.startswith(tower)], tower))
-    _check(model, tensors, origin, f"LLaVA {checkpoint}", None)
-    missing = [n for n in model.state_dict() if n not in tensors and not n.endswith("lm_head.weight")]
-    if missing:
-        raise ConversionError(f"missing tensor(s): {_names([original_name(n, LLAVA_RENAMES, {}) for n in missing])}")
+    _tie_lm_head(tensors, text_cfg, PREFIXES["llava"])
+    _check(model, tensors, origin, f"LLaVA {checkpoint}", back=lambda n: original_name(n, LLAVA_RENAMES, {}))
     model = _finish(model, tensors, tok, dtype)
     return _write(model, tok, out, template, max_shard_size, {"checkpoint": checkpoint, "vision": tower_src})
+
+
+def _check_llava_config(raw: Mapping[str, Any]) -> str:
+    """Refuse what HF Llava cannot express; return the feature-select strategy."""
+    ptype = raw.get("mm_projector_type", "linear")  # LLaVA's own default
+    if ptype != "mlp2x_gelu":
+        raise ConversionError(f"mm_projector_type {ptype!r}: only mlp2x_gelu (LLaVA-1.5 / ShareGPT4V) maps to HF Llava")
+    if raw.get("mm_use_im_start_end"):
+        raise ConversionError("mm_use_im_start_end: true is not supported (<im_start>/<im_end> around the image)")
+    if raw.get("mm_patch_merge_type", "flat") != "flat":
+        raise ConversionError(f"mm_patch_merge_type {raw['mm_patch_merge_type']!r}: LLaVA-1.6 (anyres) is Llava-Next")
+    if not isinstance(raw.get("mm_vision_select_layer"), int):
+        raise ConversionError("config.json: mm_vision_select_layer (an int, -2 for LLaVA-1.5) is missing")
+    feature = raw.get("mm_vision_select_feature", "patch")
+    if feature not in LLAVA_SELECT_FEATURE:
+        raise ConversionError(f"mm_vision_select_feature {feature!r}: expected one of {sorted(LLAVA_SELECT_FEATURE)}")
+    return LLAVA_SELECT_FEATURE[feature]
+
+
+def _tie_lm_head(tensors: Tensors, text_cfg: PreTrainedConfig, prefixes: Mapping[str, str]) -> None:
+    """An LLM with tied embeddings saves no lm_head: use the input embeddings, as HF does."""
+    embed = prefixes["text"] + "embed_tokens.weight"
+    if prefixes["lm_head"] not in tensors and embed in tensors and getattr(text_cfg, "tie_word_embeddings", False):
+        tensors[prefixes["lm_head"]] = tensors[embed]
 
 
 def _config_json(src: str) -> dict[str, Any]:

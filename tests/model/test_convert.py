@@ -144,7 +144,8 @@ def originals(tmp_path_factory, tok):
     proj = {"model": linear(LLM_WIDTH, QF["width"], "llama_proj."), "epoch": 3}
     torch.save(proj, root / "pretrained_minigpt4_7b.pth")
     torch.manual_seed(5)
-    torch.save({"model": linear(LLM_WIDTH, 4 * EVA["width"], "llama_proj.")}, root / "pretrained_minigpt4_llama2_7b.pth")
+    llama2_proj = {"model": linear(LLM_WIDTH, 4 * EVA["width"], "llama_proj.")}  # 4 ViT tokens joined
+    torch.save(llama2_proj, root / "pretrained_minigpt4_llama2_7b.pth")
     return root
 
 
@@ -236,7 +237,8 @@ def minigpt4_reference(originals, tok, pixels, projection="pretrained_minigpt4_7
     proj = torch.load(originals / projection)["model"]
     vit = ref_eva(eva, pixels)
     if qformer:
-        feats = ref_qformer(blip2, F.layer_norm(vit, (EVA["width"],), blip2["ln_vision.weight"], blip2["ln_vision.bias"], 1e-5))
+        vit = F.layer_norm(vit, (EVA["width"],), blip2["ln_vision.weight"], blip2["ln_vision.bias"], 1e-5)
+        feats = ref_qformer(blip2, vit)
     else:  # Llama-2 variant: ln_vision at its init (1, 0), CLS dropped, 4 consecutive tokens joined
         feats = F.layer_norm(vit, (EVA["width"],), eps=1e-5)[:, 1:]
         feats = feats.reshape(feats.shape[0], feats.shape[1] // 4, 4 * EVA["width"])
@@ -297,29 +299,36 @@ def _rewrite(src, dst, edit):
     torch.save(obj, dst)
 
 
-MINIGPT4_BAD = {
-    "missing": ("pretrained_minigpt4_7b.pth", lambda m: m.pop("llama_proj.bias"), r"missing tensor\(s\): llama_proj\.bias"),
-    "missing half of a fused bias": ("eva_vit_g.pth", lambda m: m.pop("blocks.1.attn.v_bias"),
-                                     r"missing tensor: visual_encoder\.blocks\.1\.attn\.v_bias"),
-    "extra": ("blip2_pretrained_flant5xxl.pth", lambda m: m.update({"Qformer.bert.encoder.layer.0.attention.self.gate.weight": torch.zeros(2)}),
-              r"unknown name.*Qformer\.bert\.encoder\.layer\.0\.attention\.self\.gate\.weight|no place for.*attention\.self\.gate"),
-    "wrong shape": ("pretrained_minigpt4_7b.pth", lambda m: m.update({"llama_proj.weight": torch.zeros(LLM_WIDTH, 7)}),
-                    r"llama_proj\.weight: \[48, 7\], the model needs \[48, 24\]"),
-    "projection for another LLM": ("pretrained_minigpt4_7b.pth",
-                                   lambda m: m.update({"llama_proj.weight": torch.zeros(64, 24), "llama_proj.bias": torch.zeros(64)}),
-                                   r"llama_proj\.weight: \[64, 24\], the model needs \[48, 24\]"),
+PROJ, BLIP2, VIT = "pretrained_minigpt4_7b.pth", "blip2_pretrained_flant5xxl.pth", "eva_vit_g.pth"
+MINIGPT4_BAD = {  # file, edit of its tensors, the error expected
+    "missing": (PROJ, lambda m: m.pop("llama_proj.bias"), r"missing tensor\(s\): llama_proj\.bias"),
+    "missing half of a fused bias": (
+        VIT, lambda m: m.pop("blocks.1.attn.v_bias"), r"missing tensor: visual_encoder\.blocks\.1\.attn\.v_bias"
+    ),
+    "extra": (
+        BLIP2, lambda m: m.update({"Qformer.bert.encoder.layer.0.attention.self.gate.weight": torch.zeros(2)}),
+        r"no place for: Qformer\.bert\.encoder\.layer\.0\.attention\.self\.gate\.weight",
+    ),
+    "unknown": (BLIP2, lambda m: m.update({"Qformer.adapter.w": torch.zeros(2)}), r"unknown name.*Qformer\.adapter"),
+    "wrong shape": (
+        PROJ, lambda m: m.update({"llama_proj.weight": torch.zeros(LLM_WIDTH, 7)}),
+        r"llama_proj\.weight: \[48, 7\], the model needs \[48, 24\]",
+    ),
+    "projection for another LLM": (
+        PROJ, lambda m: m.update({"llama_proj.weight": torch.zeros(64, 24), "llama_proj.bias": torch.zeros(64)}),
+        r"llama_proj\.weight: \[64, 24\], the model needs \[48, 24\]",
+    ),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(MINIGPT4_BAD))
 def test_minigpt4_bad_originals_name_the_tensor(originals, tmp_path, case):
     target, edit, pattern = MINIGPT4_BAD[case]
-    files = {n: originals / n for n in ("pretrained_minigpt4_7b.pth", "blip2_pretrained_flant5xxl.pth", "eva_vit_g.pth")}
+    files = {n: originals / n for n in (PROJ, BLIP2, VIT)}
     files[target] = tmp_path / target
     _rewrite(originals / target, files[target], edit)
     with pytest.raises(ConversionError, match=pattern):
-        convert_minigpt4(files["pretrained_minigpt4_7b.pth"], str(originals / "vicuna"), tmp_path / "out",
-                         blip2=files["blip2_pretrained_flant5xxl.pth"], vit=files["eva_vit_g.pth"],
+        convert_minigpt4(files[PROJ], str(originals / "vicuna"), tmp_path / "out", blip2=files[BLIP2], vit=files[VIT],
                          vit_layers=KEEP, vit_heads=EVA["heads"], qformer_heads=QF["heads"])  # fmt: skip
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
@@ -378,7 +387,8 @@ def write_llava_checkpoint(root, tok, *, model_type, arch, tower, seed, extra=No
            "mm_hidden_size": 32, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
            "mm_projector_type": "mlp2x_gelu", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
            "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": False,
-           "use_mm_proj": True, "rope_scaling": None, "torch_dtype": "float32", "transformers_version": "4.31.0"}  # fmt: skip
+           "use_mm_proj": True, "rope_scaling": None, "torch_dtype": "float32",
+           "transformers_version": "4.31.0"}  # fmt: skip
     cfg.pop("dtype", None)
     cfg.pop("rope_parameters", None)
     if cfg_edit:
@@ -408,8 +418,8 @@ def llava_reference(state, tok, tower_dir, pixels, layer=-2):
     feats = F.linear(feats, state["model.mm_projector.0.weight"], state["model.mm_projector.0.bias"])
     feats = F.linear(F.gelu(feats), state["model.mm_projector.2.weight"], state["model.mm_projector.2.bias"])
     llm = tiny_llama(tok, seed=0)
-    llm.load_state_dict({k: v for k, v in state.items() if k.startswith(("model.layers", "model.embed", "model.norm", "lm_head"))
-                         and "inv_freq" not in k})  # fmt: skip
+    llm_part = ("model.layers", "model.embed", "model.norm", "lm_head")
+    llm.load_state_dict({k: v for k, v in state.items() if k.startswith(llm_part) and "inv_freq" not in k})
     return spliced_logits(llm, tok, "USER: ", feats, "\nWhat is it? ASSISTANT:")
 
 
@@ -430,9 +440,9 @@ def test_llava15_matches_reference_forward(tok, clip_dirs, tmp_path):
 def test_sharegpt4v_tower_override_and_ignored_tower_copy(tok, clip_dirs, tmp_path):
     """ShareGPT4V: its own model_type / class, mm_vision_tower = the tuned CLIP's hub id (given
     here as --vision, a local copy); the tower copy inside the checkpoint is not used."""
-    state = write_llava_checkpoint(tmp_path / "ShareGPT4V-7B", tok, model_type="share4v", arch="Share4VLlamaForCausalLM",
-                                   tower="Lin-Chen/ShareGPT4V-7B_Pretrained_vit-large336-l12", seed=30,
-                                   tower_copy=True)  # fmt: skip
+    state = write_llava_checkpoint(tmp_path / "ShareGPT4V-7B", tok, model_type="share4v",
+                                   arch="Share4VLlamaForCausalLM", tower="Lin-Chen/ShareGPT4V-7B_Pretrained_vit-large336-l12",
+                                   seed=30, tower_copy=True)  # fmt: skip
     out = convert_llava(str(tmp_path / "ShareGPT4V-7B"), tmp_path / "out", vision=str(clip_dirs / "sharegpt4v-vit-l12"))
     model, _ = load_model(str(out))
     torch.manual_seed(31)
@@ -458,8 +468,8 @@ def test_llava_bad_originals_name_the_problem(tok, clip_dirs, tmp_path, case):
     how, pattern = LLAVA_BAD[case]
     extra = dict(how.get("extra", {}))
     ckpt = tmp_path / "llava"
-    state = write_llava_checkpoint(ckpt, tok, model_type="llava", arch="LlavaLlamaForCausalLM", tower=str(clip_dirs / "clip-336"),
-                                   seed=40, extra=extra, cfg_edit=how.get("cfg_edit"))  # fmt: skip
+    write_llava_checkpoint(ckpt, tok, model_type="llava", arch="LlavaLlamaForCausalLM", tower=str(clip_dirs / "clip-336"),
+                           seed=40, extra=extra, cfg_edit=how.get("cfg_edit"))  # fmt: skip
     if "drop" in how:  # rewrite the shard holding it
         index = json.loads((ckpt / "pytorch_model.bin.index.json").read_text())["weight_map"]
         shard = ckpt / index[how["drop"]]
@@ -468,7 +478,6 @@ def test_llava_bad_originals_name_the_problem(tok, clip_dirs, tmp_path, case):
         torch.save(tensors, shard)
         del index[how["drop"]]
         (ckpt / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": index}))
-    assert state
     with pytest.raises(ConversionError, match=pattern):
         convert_llava(str(ckpt), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -515,7 +524,8 @@ def test_converted_folders_load_with_plain_transformers(tok, minigpt4_dir, clip_
     run = subprocess.run([sys.executable, "-c", PLAIN_HF, json.dumps(jobs)], cwd=tmp_path, env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "minigpt4 Blip2ForConditionalGeneration" in run.stdout and "llava LlavaForConditionalGeneration" in run.stdout
+    assert "minigpt4 Blip2ForConditionalGeneration" in run.stdout
+    assert "llava LlavaForConditionalGeneration" in run.stdout
     assert "USER: <image>\\nWhat is it? ASSISTANT:" in run.stdout  # the chat template, as vicuna_v1
     for name, (_, work) in jobs.items():
         torch.testing.assert_close(torch.load(f"{work}/plain_logits.pt"), expected[name])
