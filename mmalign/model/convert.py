@@ -116,7 +116,6 @@ LLAVA_IGNORED: dict[str, str] = {r".+\.rotary_emb\.inv_freq": "recomputed from t
 LLAVA_TEXT_TYPES = {  # config.json `architectures` -> the text model inside
     "LlavaLlamaForCausalLM": "llama",
     "Share4VLlamaForCausalLM": "llama",
-    "LlavaMistralForCausalLM": "mistral",
 }
 LLAVA_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}  # mm_vision_select_feature -> HF strategy
 
