@@ -110,6 +110,25 @@ def _serve(a: argparse.Namespace) -> None:
           model_name=a.served_name, allow_remote_images=a.allow_remote_images, max_batch_size=a.max_batch_size)  # fmt: skip
 
 
+def _convert(a: argparse.Namespace) -> None:
+    import torch
+
+    from mmalign.model.convert import ConversionError, convert_llava, convert_minigpt4
+
+    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+    common = dict(dtype=dtype, max_shard_size=a.max_shard_size, **({"template": a.template} if a.template else {}))
+    try:
+        if a.source == "minigpt4":
+            out = convert_minigpt4(a.projection, a.llm, a.out, blip2=a.blip2, vit=a.vit, vit_layers=a.vit_layers,
+                                   vit_heads=a.vit_heads, qformer_heads=a.qformer_heads,
+                                   allow_pickle=a.trust_pickle, **common)  # fmt: skip
+        else:
+            out = convert_llava(a.checkpoint, a.out, vision=a.vision, **common)
+    except ConversionError as e:
+        raise SystemExit(f"mmalign convert {a.source}: error: {e}") from None
+    print(out)
+
+
 def _toy(a: argparse.Namespace) -> None:
     from mmalign.toy import run
 
@@ -180,6 +199,28 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--port", type=int, default=7860)
     d.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
     d.set_defaults(fn=_demo)
+
+
+    v = sub.add_parser("convert", help="convert published MiniGPT-4 / LLaVA-1.5 / ShareGPT4V weights (docs/convert.md)")
+    vs = v.add_subparsers(dest="source", required=True)
+    vm = vs.add_parser("minigpt4", help="MiniGPT-4 stage-2 .pth + BLIP-2 / EVA weights + LLM folder")
+    vm.add_argument("--projection", required=True, help="MiniGPT-4 checkpoint .pth (holds llama_proj)")
+    vm.add_argument("--blip2", help="LAVIS blip2_pretrained_flant5xxl.pth, or a HF Blip2 folder / hub id (Vicuna)")
+    vm.add_argument("--vit", help="LAVIS eva_vit_g.pth (with a LAVIS --blip2; alone for the Llama-2 variant)")
+    vm.add_argument("--llm", required=True, help="Vicuna / Llama-2-chat HF folder or hub id")
+    vm.add_argument("--vit-layers", type=int, default=39, help="EVA blocks kept (MiniGPT-4: 39 of 40)")
+    vm.add_argument("--vit-heads", type=int, help="EVA attention heads (default: 16 for ViT-g)")
+    vm.add_argument("--qformer-heads", type=int, help="Q-Former attention heads (default: 12 for width 768)")
+    vm.add_argument("--trust-pickle", action="store_true", help="read .pth files that hold more than tensors")
+    vl = vs.add_parser("llava", help="LLaVA-1.5 / ShareGPT4V folder in the original LLaVA layout")
+    vl.add_argument("--checkpoint", required=True, help="folder or hub id, e.g. liuhaotian/llava-v1.5-7b")
+    vl.add_argument("--vision", help="vision tower folder / hub id (default: config.json's mm_vision_tower)")
+    for q in (vm, vl):
+        q.add_argument("--out", required=True)
+        q.add_argument("--dtype", default="auto", help="auto (the LLM's) | float16 | bfloat16 | float32")
+        q.add_argument("--max-shard-size", default="5GB")
+        q.add_argument("--template", help="chat template to record (default: the original's)")
+        q.set_defaults(fn=_convert)
 
     y = sub.add_parser("toy", help="the embedded toy world: write its data, or run the whole main job")
     y.add_argument("what", choices=["data", "run"])

@@ -228,3 +228,27 @@ def test_clean_caption_and_strip_stop(tiny_tokenizer):
     assert strip_stop("A red circle.</s>junk", "vicuna_v1") == "A red circle."
     assert strip_stop("no stop here ", "llama2") == "no stop here"
     assert stop_token_ids(tiny_tokenizer, "vicuna_v1") == [tiny_tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("name", CHAT)
+@pytest.mark.parametrize("system", ["default", "Be brief."])
+def test_jinja_chat_template_renders_like_generation_prompt(tiny_tokenizer, name, system):
+    """HF users' ``apply_chat_template`` gives the text of the ids mmalign builds (one image token)."""
+    from mmalign.prompts import chat_template
+
+    turns = conv(name, 2) + [{"role": "user", "content": "How many shapes?"}]
+    kw = {} if system == "default" else {"system": system}
+    ids = build_generation_prompt(tiny_tokenizer, name, turns, 1, **kw)
+    qs = [turns[0]["content"].split(get_template(name).image_marker)[-1].strip(), turns[2]["content"], turns[4]["content"]]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qs[0]}]},
+            {"role": "assistant", "content": turns[1]["content"]}, {"role": "user", "content": qs[1]},
+            {"role": "assistant", "content": turns[3]["content"]}, {"role": "user", "content": qs[2]}]  # fmt: skip
+    if system != "default":
+        msgs = [{"role": "system", "content": system}, *msgs]
+    text = tiny_tokenizer.apply_chat_template(msgs, chat_template=chat_template(name), add_generation_prompt=True,
+                                              tokenize=False)  # fmt: skip
+    assert text == tiny_tokenizer.decode(ids)
+    no_gen = tiny_tokenizer.apply_chat_template(msgs, chat_template=chat_template(name), tokenize=False)
+    assert text == no_gen + get_template(name).assistant_prefix
+    with pytest.raises(ValueError, match="caption format"):
+        chat_template("plain")

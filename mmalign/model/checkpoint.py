@@ -18,7 +18,7 @@ from torch import nn
 from transformers import LlavaProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 from mmalign.model.build import MMALIGN_META, image_processor_for
-from mmalign.prompts import IMAGE_TOKEN
+from mmalign.prompts import IMAGE_TOKEN, chat_template, get_template
 
 WEIGHTS, META, STATE = "trainable.safetensors", "trainable.json", "state.pt"
 
@@ -78,16 +78,21 @@ def export(
     out_dir: str | Path,
     image_processor: Any = None,
     template: str | None = None,
+    max_shard_size: int | str | None = None,
 ) -> Path:
     """Write a complete folder (config, safetensors, tokenizer, preprocessor) that
     ``from_pretrained`` loads: plain transformers for blip-2 / llava (a ``LlavaProcessor`` is
     written too, so ``AutoProcessor`` and vLLM work); ``import mmalign.model`` for
-    minigpt4_patch. ``template`` (the chat template trained with) goes to ``mmalign.json``."""
+    minigpt4_patch. ``template`` (the chat template trained with) goes to ``mmalign.json``, and
+    a chat template, as Jinja, to the tokenizer / processor. ``max_shard_size`` (e.g. "5GB")
+    shards the safetensors (default: transformers')."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    jinja = None
     if template is not None:
         (out / MMALIGN_META).write_text(json.dumps({"template": template}, indent=1))
+        jinja = chat_template(template) if get_template(template).chat else None
     image_processor = image_processor or image_processor_for(model)
     config = model.config
     if config.model_type == "llava":
@@ -100,10 +105,15 @@ def export(
             image_token=IMAGE_TOKEN,
             # the CLS token a CLIP tower emits (dropped by "default"); SigLIP has none
             num_additional_image_tokens=0 if "siglip" in vcfg.model_type else 1,
+            chat_template=jinja,
         )
         processor.save_pretrained(out)
     else:
-        tokenizer.save_pretrained(out)
+        saved, tokenizer.chat_template = tokenizer.chat_template, jinja or tokenizer.chat_template
+        try:  # set only for the save: the caller's tokenizer is left as it was
+            tokenizer.save_pretrained(out)
+        finally:
+            tokenizer.chat_template = saved
         image_processor.save_pretrained(out)
     return out
 
