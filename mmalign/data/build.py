@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mmalign.config import DataConfig, SourceConfig
+from mmalign.data.sampling import LengthGroupedSampler
 from mmalign.data.sources import (
     CaptionRecord,
     ConversationRecord,
@@ -142,3 +143,15 @@ def dataset_from_config(
         )
     src = SourceConfig(path=cfg.path, image_root=cfg.image_root)
     return _open_source(cfg, src, encode, image_transform, skips, as_stream=False, **opts)  # type: ignore[arg-type]
+
+
+def sampler_from_config(
+    cfg: DataConfig, dataset: Any, batch_size: int, *, world_size: int = 1, seed: int = 0
+) -> LengthGroupedSampler | None:
+    """The length-grouped sampler when ``data.group_by_length`` is set (map-style data only),
+    else None (the loop keeps its own shuffle)."""
+    if not cfg.group_by_length:
+        return None
+    if not isinstance(dataset, MultimodalDataset):
+        raise ValueError("data.group_by_length needs a map-style source (one JSON file), not a stream")
+    return LengthGroupedSampler(dataset.lengths, batch_size, world_size=world_size, seed=seed)
