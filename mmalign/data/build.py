@@ -120,6 +120,8 @@ def dataset_from_config(
     encode = _encoder(cfg, tokenizer, num_image_tokens)
     skips = SkipCounter(path=skip_log)
     opts = dict(seed=seed, rank=rank, world=world)
+    if cfg.sources and cfg.path:
+        raise ValueError("set data.path or data.sources, not both (on the command line data.sources=none clears the list)")
     if cfg.sources:
         if cfg.mix not in ("sample", "batch"):
             raise ValueError(f"unknown data.mix {cfg.mix!r}; known: sample, batch")

@@ -152,45 +152,80 @@ def looks_like_shards(path: str) -> bool:
     return any(p.split("?")[0].endswith((".tar", ".tgz", ".tar.gz")) for p in path.split("::"))
 
 
+def _local_members(path: str) -> Iterator[str]:
+    """Names of the regular members of a local uncompressed tar whose data is all there, read
+    from the 512-byte headers alone (``tarfile`` parses far more and is ~15x slower). Ends where
+    ``tarfile`` ends an archive: a zero, short or bad-checksum header; pax ``path`` / GNU long
+    names honoured."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        off, long_name = 0, None
+        while True:
+            f.seek(off)
+            h = f.read(512)
+            if len(h) < 512 or h == bytes(512):
+                return
+            chk = int(h[148:156].rstrip(b"\0 ") or b"0", 8)
+            unsigned = sum(h[:148]) + 256 + sum(h[156:])
+            if chk != unsigned and chk != unsigned - 2 * sum(b for b in h[:148] + h[156:] if b > 127):
+                return  # neither the unsigned nor the signed checksum tarfile accepts
+            field = h[124:136]
+            n = int.from_bytes(field[1:], "big") if field[0] & 0x80 else int(field.rstrip(b"\0 ") or b"0", 8)
+            kind, data_end = h[156:157], off + 512 + n
+            if data_end > size:
+                return  # the member's data is cut short: it is not part of the shard
+            if kind in (b"x", b"L"):  # the next member's long name (pax record / GNU)
+                f.seek(off + 512)
+                data = f.read(n)
+                if kind == b"L":
+                    long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                else:
+                    m = re.search(rb"\d+ path=([^\n]*)\n", data)
+                    long_name = m.group(1).decode("utf-8", "surrogateescape") if m else long_name
+            elif kind in (b"0", b"\0", b"7"):
+                name = h[:100].split(b"\0", 1)[0]
+                if h[257:262] == b"ustar" and h[345:500].strip(b"\0"):
+                    name = h[345:500].split(b"\0", 1)[0] + b"/" + name
+                yield long_name if long_name is not None else name.decode("utf-8", "surrogateescape")
+                long_name = None
+            elif kind != b"g":
+                long_name = None
+            off = data_end + (-n % 512)
+
+
+def _streamed_members(url: str) -> Iterator[str]:
+    """The same for any URL webdataset opens: read through once (undecoded), as the stream does."""
+    stream = wds.gopen(url)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for m in tar:
+                if m.isreg():
+                    tar.extractfile(m).read()  # raises on a short member, as the stream does
+                    yield m.name
+    finally:
+        stream.close()
+
+
 def count_shard_samples(url: str) -> int:
-    """Samples webdataset will group from one shard, from tar headers only for a local ``.tar``
-    (no member data read, no decoding); other URLs are read through once, still undecoded.
+    """Samples webdataset will group from one shard, without decoding anything: from the tar
+    headers alone for a local ``.tar``, else by reading the shard through once.
 
     Mirrors ``webdataset.tarfile_samples``: a member whose data is cut short ends the shard and
     is not part of it, meta names are passed over, consecutive members sharing a key are one
     sample."""
     local = os.path.isfile(url) and url.endswith(".tar")
-    n, last, stream = 0, None, None
+    n, last = 0, None
     try:
-        if local:
-            size = os.path.getsize(url)
-            tar = tarfile.open(url, mode="r:")
-        else:
-            stream = wds.gopen(url)
-            tar = tarfile.open(fileobj=stream, mode="r|*")
-        with tar:
-            for m in tar:
-                if local and m.offset_data + m.size > size:
-                    break
-                if not m.isreg() or m.name is None:
-                    continue
-                if not local:
-                    tar.extractfile(m).read()  # raises on a short member, as the stream does
-                name = m.name
-                if "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix):
-                    continue
-                if _SKIP_META.match(name):
-                    continue
-                prefix, _ = base_plus_ext(name)
-                if prefix is None:
-                    continue
-                if prefix != last:
-                    n, last = n + 1, prefix
+        for name in _local_members(url) if local else _streamed_members(url):
+            if "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix):
+                continue
+            if _SKIP_META.match(name):
+                continue
+            prefix, _ = base_plus_ext(name)
+            if prefix is not None and prefix != last:
+                n, last = n + 1, prefix
     except (tarfile.TarError, OSError, EOFError, ValueError):
         pass
-    finally:
-        if stream is not None:
-            stream.close()
     return n
 
 

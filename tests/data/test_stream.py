@@ -252,3 +252,26 @@ def test_rank_from_environment(monkeypatch, shards, tiny_tokenizer):
     assert (ds.rank, ds.world) == (1, 3) and len(ds.urls) == SHARDS
     with pytest.raises(ValueError, match="rank 3"):
         ShardStream(str(root), enc, to_tensor, rank=3, world=3)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_header_scan_handles_long_names_dirs_and_meta(tmp_path, fmt):
+    path = tmp_path / "x.tar"
+    long_dir = "d" * 120  # > 100 characters: a GNU long name, a pax path, or ustar's prefix field
+    with tarfile.open(path, "w", format=fmt) as t:
+        def add(name, data=b"x"):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+
+        t.addfile(tarfile.TarInfo("e" * 90), None)  # no extension: not a sample member
+        dir_info = tarfile.TarInfo("sub")
+        dir_info.type = tarfile.DIRTYPE
+        t.addfile(dir_info)
+        add("__meta__", b"m")
+        for i in range(3):
+            add(f"{long_dir}/k{i}.jpg", jpeg(i))
+            add(f"{long_dir}/k{i}.txt", "ünïcode".encode())
+        add("ünï.txt")
+    streamed = sum(1 for _ in wds.tarfile_samples([{"url": str(path)}], handler=lambda e: True))
+    assert count_shard_samples(str(path)) == streamed == 4
