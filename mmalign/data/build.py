@@ -121,7 +121,9 @@ def dataset_from_config(
     skips = SkipCounter(path=skip_log)
     opts = dict(seed=seed, rank=rank, world=world)
     if cfg.sources and cfg.path:
-        raise ValueError("set data.path or data.sources, not both (on the command line data.sources=none clears the list)")
+        raise ValueError(
+            "set data.path or data.sources, not both (on the command line data.sources=none clears the list)"
+        )
     if cfg.sources:
         if cfg.mix not in ("sample", "batch"):
             raise ValueError(f"unknown data.mix {cfg.mix!r}; known: sample, batch")

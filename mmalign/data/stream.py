@@ -54,7 +54,7 @@ def rank_world() -> tuple[int, int]:
     """This process's (rank, world size): torch.distributed if initialised, else env, else 0/1."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _consumed_per_worker(batches: Sequence[int], consumed: int) -> tuple[list[int], int]:
@@ -313,7 +313,7 @@ class ShardStream(StreamDataset):
         def handler(exn: Exception) -> bool:  # webdataset: True = go on with the next member / shard
             text = " ".join(map(str, exn.args))
             url = next((u for u in shards if u in text), "?")
-            if url not in reported:
+            if url == "?" or url not in reported:  # one error per shard (a cut-off one raises twice)
                 reported.add(url)
                 self.skips.add("unreadable tar", url, repr(exn)[:300])
             return True

@@ -97,7 +97,9 @@ def test_sources_mix_from_yaml(data_dir, tiny_tokenizer):
         dataset_from_config(cfg.data, tiny_tokenizer, N, to_tensor)
     ds = dataset_from_config(cfg.data, tiny_tokenizer, N, to_tensor, batch_size=2, rank=0, world=1)
     assert isinstance(ds, MixedStream)
-    got = [answers([s for s in b if s is not None], tiny_tokenizer) for b in DataLoader(ds, batch_size=2, collate_fn=list)]
+    got = [
+        answers([s for s in b if s is not None], tiny_tokenizer) for b in DataLoader(ds, batch_size=2, collate_fn=list)
+    ]
     assert got and all(len({a.split()[0] for a in b}) == 1 for b in got)  # each batch from one source
     ds.set_epoch(0)
     assert ds.skipped["total"] == 0
@@ -115,7 +117,9 @@ def test_llava_text_only_end_to_end(data_dir, tiny_spec):
 
     model, tok = build_model(tiny_spec("llava"))
     cfg = load_config(
-        write_yaml(data_dir / "c.yaml", ["source: conversations", "template: vicuna_v1", f"path: {data_dir}/llava.json"])
+        write_yaml(
+            data_dir / "c.yaml", ["source: conversations", "template: vicuna_v1", f"path: {data_dir}/llava.json"]
+        )
     )
     ds = dataset_from_config(cfg.data, tok, num_image_tokens(model.config), image_transform_for(model))
     assert [ds[i]["pixel_values"] is None for i in range(4)] == [False, True, False, True]
@@ -141,7 +145,9 @@ def test_group_by_length_sampler(data_dir, tiny_tokenizer):
     from mmalign.data.build import sampler_from_config
 
     cfg = load_config(
-        write_yaml(data_dir / "c.yaml", ["source: conversations", "group_by_length: true", f"path: {data_dir}/llava.json"])
+        write_yaml(
+            data_dir / "c.yaml", ["source: conversations", "group_by_length: true", f"path: {data_dir}/llava.json"]
+        )
     )
     ds = dataset_from_config(cfg.data, tiny_tokenizer, N, to_tensor)
     s = sampler_from_config(cfg.data, ds, 2, seed=0)

@@ -59,7 +59,11 @@ def shards(tmp_path_factory):
         with wds.TarWriter(str(path)) as sink:
             for j in range(PER_SHARD):
                 key = f"{s:05d}{j:04d}"
-                sample = {"__key__": key, "jpg": jpeg(j, corrupt=key in CORRUPT), "json": {"key": key, "status": "success"}}
+                sample = {
+                    "__key__": key,
+                    "jpg": jpeg(j, corrupt=key in CORRUPT),
+                    "json": {"key": key, "status": "success"},
+                }
                 if key != NO_TXT:
                     sample["txt"] = f"a photo {key}"
                 sink.write(sample)
@@ -259,6 +263,7 @@ def test_header_scan_handles_long_names_dirs_and_meta(tmp_path, fmt):
     path = tmp_path / "x.tar"
     long_dir = "d" * 120  # > 100 characters: a GNU long name, a pax path, or ustar's prefix field
     with tarfile.open(path, "w", format=fmt) as t:
+
         def add(name, data=b"x"):
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
@@ -275,3 +280,12 @@ def test_header_scan_handles_long_names_dirs_and_meta(tmp_path, fmt):
         add("ünï.txt")
     streamed = sum(1 for _ in wds.tarfile_samples([{"url": str(path)}], handler=lambda e: True))
     assert count_shard_samples(str(path)) == streamed == 4
+
+
+def test_missing_shard_is_named_not_fatal(shards, tiny_tokenizer):
+    root, good = shards
+    enc = make_caption_encoder(tiny_tokenizer, N, fmt="plain", clean=False)
+    ds = ShardStream([str(root / "00000.tar"), str(root / "00404.tar")], enc, to_tensor, rank=0, world=1)
+    keys = [key_of(s, tiny_tokenizer) for s in ds if s is not None]
+    assert sorted(keys) == sorted(k for k in good if k.startswith("00000"))
+    assert ds.skipped["counts"] == {"unreadable tar": 1} and "00404.tar" in ds.skipped["examples"]["unreadable tar"][0]
