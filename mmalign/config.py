@@ -28,6 +28,17 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mix (``data.sources``); the encoding (captions / conversations, template,
+    max_length) is the data section's."""
+
+    path: str | None = None  # shards (pattern / folder of .tar) or a caption / cc_sbu_align / LLaVA JSON
+    type: str | None = None  # webdataset | captions | llava; None: from the path
+    ratio: float = 1.0  # sampling weight (MiniGPT-4 stage 1: LAION 115, CC+SBU 14)
+    image_root: str | None = None
+
+
+@dataclass
 class DataConfig:
     source: str = "captions"  # captions | conversations | toy
     path: str | None = None  # caption JSON / cc_sbu_align filter_cap.json / LLaVA JSON
@@ -38,6 +49,10 @@ class DataConfig:
     max_length: int = 160
     clean_captions: bool = True  # MiniGPT-4 stage 1: lower-case, no punctuation, 50 words
     num_workers: int = 0
+    sources: list[SourceConfig] | None = None  # several sources mixed by ratio, instead of `path`
+    mix: str = "sample"  # sample: a source drawn per sample | batch: each batch from one source (MiniGPT-4)
+    shuffle_buffer: int = 1000  # samples shuffled in memory per DataLoader worker (webdataset shards)
+    group_by_length: bool = False  # map-style conversations: batches of similar length, one modality each
 
 
 @dataclass
@@ -79,6 +94,21 @@ def _coerce(value, annotation):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"expected a boolean, got {value!r}")
         return value.lower() in ("true", "1", "yes")
+    if typing.get_origin(target) is list and dataclasses.is_dataclass(typing.get_args(target)[0]):
+        if not isinstance(value, list):
+            raise ValueError(f"expected a YAML list of mappings, got {value!r}")
+        cls = typing.get_args(target)[0]
+        items = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise ValueError(f"item {i}: expected a mapping, got {item!r}")
+            obj = cls()
+            try:
+                _apply(obj, item, f"[{i}].")
+            except KeyError as e:
+                raise ValueError(e.args[0]) from None
+            items.append(obj)
+        return items
     if typing.get_origin(target) is tuple:
         items = value.split(",") if isinstance(value, str) else value
         args = typing.get_args(target)

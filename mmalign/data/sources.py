@@ -1,19 +1,22 @@
 """Caption / conversation datasets read from files.
 
 A bad record (missing or corrupt image, empty caption, conversation without an answer) is
-logged with its file and index / id, counted in a ``SkipCounter`` and skipped: one broken
-file out of a million must never kill a run, and nothing is dropped silently.
+logged with its file and index / id, counted in a ``SkipCounter`` (shared by DataLoader
+workers through a small JSONL file) and skipped: one broken file out of a million must never
+kill a run, and nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
-import threading
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import IO, Any, Callable, Sequence, Union
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -44,49 +47,87 @@ Record = Union[CaptionRecord, ConversationRecord]
 
 
 class SkipCounter:
-    """Thread-safe counts of skipped records per reason, plus the first few examples.
+    """Counts of skipped records per reason, the first few names per reason, and truncations,
+    shared by every process that holds a copy.
 
-    With DataLoader workers each process counts its own copy; the warnings in the log are the
-    complete record.
+    Each event is one JSON line appended to ``path`` (one ``write`` of a short line with
+    O_APPEND, so DataLoader workers and threads never interleave), and ``summary`` reads the
+    file: counts made in workers are not lost. Without ``path`` a temporary file is used and
+    removed when the counter that created it is garbage collected; pass ``path`` to keep the
+    full list of skipped names (e.g. ``runs/x/skips.jsonl``).
     """
 
-    def __init__(self, max_examples: int = 5) -> None:
+    def __init__(self, max_examples: int = 5, path: str | Path | None = None) -> None:
         self.max_examples = max_examples
-        self.counts: dict[str, int] = {}
-        self.examples: dict[str, list[str]] = {}
-        self._lock = threading.Lock()
+        if path is None:
+            fd, name = tempfile.mkstemp(prefix="mmalign-skips-", suffix=".jsonl")
+            os.close(fd)
+            self.path, self.keep = Path(name), False
+            weakref.finalize(self, _remove_if_owner, name, os.getpid())
+        else:
+            self.path, self.keep = Path(path), True
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+
+    def _append(self, event: dict[str, str]) -> None:
+        line = (json.dumps(event) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def add(self, reason: str, where: str, detail: str = "") -> None:
         log.warning("skipped %s: %s%s", where, reason, f" ({detail})" if detail else "")
-        with self._lock:
-            self.counts[reason] = self.counts.get(reason, 0) + 1
-            ex = self.examples.setdefault(reason, [])
+        self._append({"reason": reason, "where": where, "detail": detail})
+
+    def add_truncated(self, where: str) -> None:
+        """A kept sample that lost answer tokens to max_length (not a skip, but reported)."""
+        self._append({"truncated": where})
+
+    def events(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        examples: dict[str, list[str]] = {}
+        truncated = 0
+        for e in self.events():
+            if "truncated" in e:
+                truncated += 1
+                continue
+            counts[e["reason"]] = counts.get(e["reason"], 0) + 1
+            ex = examples.setdefault(e["reason"], [])
             if len(ex) < self.max_examples:
-                ex.append(where)
+                ex.append(e["where"])
+        out = {"total": sum(counts.values()), "counts": counts, "examples": examples, "truncated": truncated}
+        if self.keep:
+            out["log"] = str(self.path)
+        return out
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.summary()["counts"]
+
+    @property
+    def examples(self) -> dict[str, list[str]]:
+        return self.summary()["examples"]
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
-
-    def summary(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "total": sum(self.counts.values()),
-                "counts": dict(self.counts),
-                "examples": {k: list(v) for k, v in self.examples.items()},
-            }
-
-    def __getstate__(self) -> dict[str, Any]:  # locks do not pickle (DataLoader workers)
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        return self.summary()["total"]
 
     def __repr__(self) -> str:
-        return f"SkipCounter(total={self.total}, counts={self.counts})"
+        s = self.summary()
+        return f"SkipCounter(total={s['total']}, counts={s['counts']})"
+
+
+def _remove_if_owner(name: str, owner_pid: int) -> None:
+    # forked DataLoader workers inherit this finalizer; only the creating process removes the file
+    if os.getpid() == owner_pid:
+        Path(name).unlink(missing_ok=True)
 
 
 def _load_json(path: Path) -> Any:
@@ -284,13 +325,53 @@ def make_conversation_encoder(
 # dataset
 
 
-def load_image(ref: ImageRef) -> Image.Image:
+def load_image(ref: ImageRef | IO[bytes]) -> Image.Image:
     """Open and fully decode an image as RGB (decoding now is what catches truncated files)."""
     if isinstance(ref, Image.Image):
         return ref.convert("RGB")
     with Image.open(ref) as im:
         im.load()
         return im.convert("RGB")
+
+
+def encode_sample(
+    rec: Record,
+    image: Image.Image | None,
+    encode_fn: Callable[[Any], dict[str, Any]],
+    image_transform: Callable[[Image.Image], Any],
+    skips: SkipCounter,
+    where: str,
+) -> dict[str, Any] | None:
+    """One record with its decoded image (or None) -> a training sample, or None (counted).
+
+    Shared by the map-style dataset and the streams, so both give identical samples."""
+    try:
+        enc = encode_fn(rec)
+    except ValueError as e:
+        skips.add("encode error", where, str(e))
+        return None
+    n_images = enc.get("num_images")
+    if n_images is not None and n_images != (1 if image is not None else 0):
+        skips.add("image / placeholder mismatch", where, f"{n_images} placeholders, image={image is not None}")
+        return None
+    if enc.get("answer_tokens_cut"):
+        skips.add_truncated(where)
+    return {
+        "input_ids": enc["input_ids"],
+        "labels": enc["labels"],
+        "pixel_values": None if image is None else image_transform(image),
+    }
+
+
+def record_length(rec: Record) -> int:
+    """Words of text, negative for a text-only record: LLaVA's ``modality_lengths``, cheap enough
+    to compute for a million records without tokenising (used by the length-grouped sampler)."""
+    if isinstance(rec, CaptionRecord):
+        n = len(rec.caption.split())
+    else:
+        n = sum(len(t["content"].split()) for t in rec.turns)
+    n = max(n, 1)
+    return n if rec.image is not None else -n
 
 
 class MultimodalDataset(Dataset):
@@ -314,14 +395,18 @@ class MultimodalDataset(Dataset):
         self.encode_fn = encode_fn
         self.image_transform = image_transform
         self.skips = skips if skips is not None else SkipCounter()
-        self.num_truncated = 0  # kept samples that lost answer tokens to max_length
 
     def __len__(self) -> int:
         return len(self.records)
 
     @property
     def skipped(self) -> dict[str, Any]:
-        return {**self.skips.summary(), "truncated": self.num_truncated}
+        """Skips and truncations of every process (DataLoader workers included)."""
+        return self.skips.summary()
+
+    @property
+    def lengths(self) -> list[int]:
+        return [record_length(r) for r in self.records]
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         rec = self.records[index]
@@ -336,21 +421,4 @@ class MultimodalDataset(Dataset):
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
                 self.skips.add("corrupt image", where, f"{rec.image}: {e!r}")
                 return None
-        try:
-            enc = self.encode_fn(rec)
-        except ValueError as e:
-            self.skips.add("encode error", where, str(e))
-            return None
-        n_images = enc.get("num_images")
-        if n_images is not None and n_images != (1 if image is not None else 0):
-            self.skips.add(
-                "image / placeholder mismatch", where, f"{n_images} placeholders, image={image is not None}"
-            )
-            return None
-        if enc.get("answer_tokens_cut"):
-            self.num_truncated += 1
-        return {
-            "input_ids": enc["input_ids"],
-            "labels": enc["labels"],
-            "pixel_values": None if image is None else self.image_transform(image),
-        }
+        return encode_sample(rec, image, self.encode_fn, self.image_transform, self.skips, where)

@@ -218,6 +218,26 @@ def test_skip_counter_pickles_and_caps_examples():
     c = SkipCounter(max_examples=2)
     for i in range(5):
         c.add("r", f"w{i}")
-    c2 = pickle.loads(pickle.dumps(c))
+    c2 = pickle.loads(pickle.dumps(c))  # what a DataLoader worker holds: the same file
     c2.add("r", "w5")
-    assert c2.counts == {"r": 6} and c2.examples == {"r": ["w0", "w1"]} and c.total == 5
+    assert c2.counts == {"r": 6} and c2.examples == {"r": ["w0", "w1"]} and c.total == 6
+
+
+def test_skip_counter_counts_from_dataloader_workers(tmp_path, tiny_tokenizer):
+    save_jpeg(tmp_path / "a.jpg")
+    recs = [CaptionRecord(tmp_path / ("a.jpg" if i % 3 else "missing.jpg"), "A dog.", key=f"k{i}") for i in range(12)]
+    ds = MultimodalDataset(recs, make_caption_encoder(tiny_tokenizer, N), to_tensor)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=lambda b: b)
+    items = [x for batch in loader for x in batch]
+    assert sum(x is None for x in items) == 4
+    assert ds.skipped["counts"] == {"missing image": 4} and ds.skipped["total"] == 4
+    assert sorted(ds.skipped["examples"]["missing image"]) == ["k0", "k3", "k6", "k9"]
+
+
+def test_skip_counter_keeps_a_named_log(tmp_path):
+    c = SkipCounter(path=tmp_path / "run/skips.jsonl")
+    c.add("corrupt image", "shard-3.tar:000030007", "OSError")
+    c.add_truncated("x")
+    s = c.summary()
+    assert s["counts"] == {"corrupt image": 1} and s["truncated"] == 1 and s["log"].endswith("skips.jsonl")
+    assert "000030007" in (tmp_path / "run/skips.jsonl").read_text()
