@@ -139,7 +139,7 @@ def test_stage1_lowers_loss_saves_and_keeps_frozen_tensors(tmp_path, model_dir, 
 
     # keep_checkpoints=2: the oldest (10) is gone; no half-written folder left behind
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["checkpoint-20", "checkpoint-30", "config.json", "data_report.json", "metrics.jsonl"]
+    assert names == ["checkpoint-20", "checkpoint-30", "config.json", "data_report.json", "loss.png", "metrics.jsonl"]
     assert (final / STATE_FILE).is_file()
     report = json.loads((out / "data_report.json").read_text())
     assert report["total"] == 0 and report["truncated"] == 0
