@@ -9,6 +9,7 @@ A training checkpoint is a folder:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,11 @@ def load_trainable(model: nn.Module, path: str | Path, *, strict: bool = True) -
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold LoRA adapters into their base Linear layers (peft's merge) and drop the wrappers, so
     the model is a plain HF model again; a model without LoRA comes back unchanged."""
-    try:
-        from peft import PeftModel
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # no peft: no LoRA either
+    if "peft" not in sys.modules:  # peft never imported: no LoRA layer can exist (and export stays fast)
         return model
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
     for name, module in list(model.named_modules()):

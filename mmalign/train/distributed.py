@@ -42,10 +42,15 @@ def make_accelerator(tc: TrainConfig, out: Path) -> tuple[Accelerator, int]:
     """The Accelerator for this run (engine from the launcher's environment) + its accumulation."""
     from accelerate.state import PartialState
 
-    world = PartialState().num_processes
+    # torchrun on a machine without an accelerator: accelerate runs multi-process CPU (gloo)
+    # only when told it is on CPU
+    accel = getattr(torch, "accelerator", None)
+    cpu = not (accel.is_available() if accel is not None else torch.cuda.is_available())
+    world = PartialState(cpu=cpu).num_processes
     accum = grad_accum_for(tc, world)
     trackers = [t.strip() for t in tc.report_to.split(",") if t.strip() and t.strip() != "none"]
     accelerator = Accelerator(
+        cpu=cpu,
         gradient_accumulation_steps=accum,
         mixed_precision=tc.mixed_precision,
         log_with=trackers or None,
@@ -61,16 +66,19 @@ def make_accelerator(tc: TrainConfig, out: Path) -> tuple[Accelerator, int]:
         if ds.get("gradient_clipping", "auto") == "auto":
             ds["gradient_clipping"] = tc.max_grad_norm
     global_batch = tc.batch_size * accum * world
-    note = "" if tc.global_batch_size is None else f" (train.global_batch_size; train.grad_accum={tc.grad_accum} ignored)"
-    log.info(
-        "engine %s, %d process(es): global batch %d = %d per device x %d accumulation x %d process(es)%s",
-        accelerator.distributed_type.value, world, global_batch, tc.batch_size, accum, world, note,
-    )  # fmt: skip
+    note = (
+        "" if tc.global_batch_size is None else f" (train.global_batch_size; train.grad_accum={tc.grad_accum} ignored)"
+    )
+    if accelerator.is_main_process:
+        log.info(
+            "engine %s, %d process(es): global batch %d = %d per device x %d accumulation x %d process(es)%s",
+            accelerator.distributed_type.value, world, global_batch, tc.batch_size, accum, world, note,
+        )  # fmt: skip
     return accelerator, accum
 
 
 def engine_of(accelerator: Accelerator) -> str:
-    """"fsdp", "deepspeed" or "replicated" (one process, DDP: every rank holds everything)."""
+    """ "fsdp", "deepspeed" or "replicated" (one process, DDP: every rank holds everything)."""
     if accelerator.distributed_type == DistributedType.FSDP:
         return "fsdp"
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -89,12 +97,15 @@ def fsdp_wrap_classes(model: torch.nn.Module) -> list[str]:
     return sorted(names & present)
 
 
-def gather_trainable(accelerator: Accelerator, model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """Full CPU copies of the trainable tensors `names`, gathered from their shards.
+def gather_trainable(
+    accelerator: Accelerator, model: torch.nn.Module, inner: torch.nn.Module, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the trainable tensors `names`, gathered from their shards (`model`:
+    as prepared; `inner`: the module given to `prepare`, which DDP / DeepSpeed wrap and FSDP2
+    shards in place).
 
     A collective: every rank calls it; the result is meaningful on the main process."""
     kind = engine_of(accelerator)
-    inner = accelerator.unwrap_model(model)
     wanted = set(names)
     if kind == "deepspeed" and accelerator.state.deepspeed_plugin.zero_stage == 3:
         import deepspeed
@@ -106,7 +117,10 @@ def gather_trainable(accelerator: Accelerator, model: torch.nn.Module, names: li
         params = dict(inner.named_parameters())
         if all(n in params for n in names) and any(hasattr(params[n], "full_tensor") for n in names):
             # FSDP2: parameters are DTensors with their original names
-            return {n: (params[n].full_tensor() if hasattr(params[n], "full_tensor") else params[n]).detach().cpu() for n in names}
+            return {
+                n: (params[n].full_tensor() if hasattr(params[n], "full_tensor") else params[n]).detach().cpu()
+                for n in names
+            }
         state = accelerator.get_state_dict(model)  # FSDP1: full state dict on rank 0
         return {n: t.detach().cpu() for n, t in state.items() if n in wanted}
     params = dict(inner.named_parameters())
@@ -139,7 +153,9 @@ def load_optimizer(accelerator: Accelerator, model, optimizer, folder: Path, sta
         return
     engine_dir = folder / ENGINE_DIR
     if not engine_dir.is_dir():
-        raise ValueError(f"{folder}: no {ENGINE_DIR}/ folder; a checkpoint of a replicated run cannot resume under {kind}")
+        raise ValueError(
+            f"{folder}: no {ENGINE_DIR}/ folder; a checkpoint of a replicated run cannot resume under {kind}"
+        )
     if kind == "fsdp":
         from accelerate.utils import load_fsdp_optimizer
 

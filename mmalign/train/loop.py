@@ -258,6 +258,7 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
 
     if engine == "fsdp" and accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap is None:
         accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = dist_utils.fsdp_wrap_classes(model)
+    raw = model
     model, optimizer = accelerator.prepare(model, optimizer)
     if ckpt is not None:
         dist_utils.load_optimizer(accelerator, model, optimizer, ckpt, state.get("optimizer"))
@@ -265,7 +266,7 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
     if rng is not None:
         _set_rng_state(rng)  # last: nothing above may draw from the restored streams
     params = [p for p in model.parameters() if p.requires_grad]
-    model_config = accelerator.unwrap_model(model).config
+    model_config = raw.config
 
     metrics_path = out / "metrics.jsonl"
     metrics = None
@@ -322,7 +323,7 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
             if accelerator.log_with:
                 accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
         if step % tc.save_every == 0 or step == tc.max_steps:
-            _save(accelerator, out, model, names, optimizer, scheduler, step, position, cfg)
+            _save(accelerator, out, model, raw, names, optimizer, scheduler, step, position, cfg)
     bar.close()
     skipped = [getattr(dataset, "skipped", None) or {}]
     if world > 1:
@@ -386,7 +387,7 @@ def _resume_position(ckpt: Path, state: dict, position: dict, rank: int, world: 
     return None
 
 
-def _save(accelerator, out: Path, model, names: list[str], optimizer, scheduler, step: int, position: dict, cfg: RunConfig) -> None:
+def _save(accelerator, out: Path, model, raw, names: list[str], optimizer, scheduler, step: int, position: dict, cfg: RunConfig) -> None:
     """A collective: every rank gathers / writes its part; the folder appears whole or not at all."""
     main, rank = accelerator.is_main_process, accelerator.process_index
     ckpt = out / f"checkpoint-{step}"
@@ -395,11 +396,11 @@ def _save(accelerator, out: Path, model, names: list[str], optimizer, scheduler,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    tensors = dist_utils.gather_trainable(accelerator, model, names)
+    tensors = dist_utils.gather_trainable(accelerator, model, raw, names)
     optim_state = dist_utils.save_optimizer(accelerator, model, optimizer, tmp)
     torch.save({"rng": _rng_state(), **position}, tmp / RANK_FILE.format(rank))
     if main:
-        model_type = getattr(accelerator.unwrap_model(model).config, "model_type", None)
+        model_type = getattr(raw.config, "model_type", None)
         save_tensors(tensors, tmp, model_type, extra={"step": step, "config": to_dict(cfg)})
         torch.save(
             {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step, **position,
