@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from train_helpers import (
     CAPTIONS,
@@ -22,6 +29,7 @@ from train_helpers import (
 )
 
 import mmalign.train.loop as loop
+from mmalign.config import to_dict
 from mmalign.model.checkpoint import WEIGHTS
 from mmalign.train.loop import STATE_FILE, ResumableSampler, latest_checkpoint, train
 
@@ -254,3 +262,51 @@ def test_resume_skips_a_half_written_checkpoint(tmp_path, model_dir):
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert not junk.exists()  # the save of step 6 replaced the stale temp folder
     assert torch.load(final / STATE_FILE, weights_only=False)["step"] == 6
+
+
+def test_cli_run_killed_with_sigkill_continues_the_same_loss_curve(tmp_path, model_dir):
+    """The real thing: `mmalign train` in a subprocess, SIGKILLed after a checkpoint (with steps
+    logged past it), restarted with the same command; its per-step losses match a run that was
+    never interrupted."""
+    data = caption_data(tmp_path / "data", n=5)
+    common = ("data.source=conversations", "train.max_steps=40", "train.save_every=5", "train.keep_checkpoints=20",
+              "train.warmup_steps=2", "train.lr=1e-3", "train.plot=false")  # fmt: skip
+    ref = tmp_path / "ref"
+    train(config(model_dir, data, ref, *common))
+
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(config(model_dir, data, out, *common))))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "mmalign.cli", "train", str(cfg_file)]
+
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None and (out / "metrics.jsonl").exists():
+            logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.endswith("}")]
+            if logged and max(logged) > int(ckpt.name.split("-")[1]):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    killed_at = latest_checkpoint(out)
+    assert killed_at is not None and killed_at.name != "checkpoint-40"  # really cut short
+    steps_before = [m["step"] for m in metrics(out)]
+    assert max(steps_before) > int(killed_at.name.split("-")[1])  # work past the checkpoint is lost
+
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {killed_at}" in done.stderr
+    assert done.stdout.strip().endswith("checkpoint-40")
+
+    assert [m["step"] for m in metrics(out)] == list(range(1, 41))  # each step once: stale records dropped
+    la, lb = losses_by_step(ref), losses_by_step(out)
+    for step in range(1, 41):
+        assert lb[step] == pytest.approx(la[step], abs=1e-5), (step, killed_at, la[step], lb[step])
+    wa, wb = load_file(str(ref / "checkpoint-40" / WEIGHTS)), load_file(str(out / "checkpoint-40" / WEIGHTS))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6)
