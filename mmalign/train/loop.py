@@ -204,7 +204,11 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
             log.info("with LoRA (r=%d): %s trainable parameters", tc.lora_r, f"{n:,}")
     frozen = report.frozen_modules(model)
     if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model.get_input_embeddings().weight.requires_grad is False:
             model.enable_input_require_grads()  # LLM frozen / LoRA: keep the graph from the embeddings
     if tc.mixed_precision != "no" and engine == "replicated":

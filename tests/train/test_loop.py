@@ -310,3 +310,42 @@ def test_cli_run_killed_with_sigkill_continues_the_same_loss_curve(tmp_path, mod
     wa, wb = load_file(str(ref / "checkpoint-40" / WEIGHTS)), load_file(str(out / "checkpoint-40" / WEIGHTS))
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6)
+
+
+def test_gradient_checkpointing_recomputes_without_changing_the_losses(tmp_path, model_dir, monkeypatch):
+    import transformers.modeling_utils as mu
+
+    data = caption_data(tmp_path / "data", n=4)
+    common = ("train.trainable=projector", "train.max_steps=3", "train.save_every=3", "train.plot=false")
+    plain = tmp_path / "plain"
+    train(config(model_dir, data, plain, *common))
+    calls = {"n": 0}
+    real = mu.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mu, "checkpoint", counting)  # what activation_checkpointing_enable binds
+    ckpt = tmp_path / "ckpt"
+    train(config(model_dir, data, ckpt, *common, "train.gradient_checkpointing=true"))
+
+    # the frozen LLM (2 layers) sits on the gradient path to the projector: it is checkpointed
+    assert calls["n"] >= 3 * 2 * 2, calls
+    la, lb = losses_by_step(plain), losses_by_step(ckpt)
+    assert lb == pytest.approx(la, abs=1e-6)
+
+
+def test_bf16_autocast_keeps_trainable_weights_float32(tmp_path, model_dir):
+    data = caption_data(tmp_path / "data", n=4)
+    common = ("train.trainable=projector", "train.max_steps=6", "train.save_every=6", "train.plot=false")
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    train(config(model_dir, data, fp32, *common))
+    final = train(config(model_dir, data, bf16, *common, "model.dtype=bfloat16", "train.mixed_precision=bf16"))
+
+    saved = load_file(str(final / WEIGHTS))
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())  # masters stay float32
+    la, lb = losses_by_step(fp32), losses_by_step(bf16)
+    assert all(np.isfinite(v) for v in lb.values())
+    assert lb != la and lb == pytest.approx(la, abs=0.1)  # computed in bf16: close, not equal
+    assert lb[6] < lb[1]
