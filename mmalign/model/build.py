@@ -343,12 +343,21 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load an exported folder / hub id (any of the three archs) and its tokenizer."""
+    """Load an exported folder / hub id (any of the three archs) and its tokenizer.
+
+    ``quantization`` ("4bit" NF4 as in QLoRA, or "8bit") quantizes the LLM with bitsandbytes
+    (CUDA only); vision tower, Q-Former, projector and lm_head stay in ``dtype``."""
     kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs).to(device)
+    if quantization:
+        kwargs["quantization_config"] = _quantization_config(quantization, dtype)
+        kwargs["device_map"] = {"": device}  # bitsandbytes weights are placed at load, never moved
+        model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs).to(device)
     tok = AutoTokenizer.from_pretrained(path_or_id)
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     if IMAGE_TOKEN not in tok.all_special_tokens or image_id != model.config.image_token_index:
@@ -359,13 +368,36 @@ def load_model(
     return model, tok
 
 
+# the parts that are not the LLM keep their dtype under quantization (names as in freeze.ROLE_PREFIXES)
+_NOT_QUANTIZED = ["vision_tower", "multi_modal_projector", "vision_model", "qformer", "language_projection", "lm_head"]
+
+
+def _quantization_config(kind: str, dtype: torch.dtype | None):
+    """bitsandbytes settings of QLoRA (NF4, double quantization, compute in ``dtype``) or LLM.int8."""
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"model.quantization={kind!r} needs a CUDA GPU (bitsandbytes); this machine has none")
+    if kind == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype or torch.bfloat16, llm_int8_skip_modules=_NOT_QUANTIZED,
+        )  # fmt: skip
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_NOT_QUANTIZED)
+    raise ValueError(f"model.quantization must be 4bit or 8bit, not {kind!r}")
+
+
 def model_from_config(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Build or load from a ``mmalign.config.ModelConfig``: ``path`` (a folder / hub id to
     continue from) wins over ``recipe`` (backbones composed fresh); ``dtype`` is a torch name."""
     dtype = getattr(torch, cfg.dtype) if isinstance(cfg.dtype, str) else cfg.dtype
     kwargs = dict(dtype=dtype, device=cfg.device, attn_implementation=cfg.attn_implementation)
+    quantization = getattr(cfg, "quantization", None)
     if cfg.path:
-        return load_model(cfg.path, **kwargs)
+        return load_model(cfg.path, **kwargs, quantization=quantization)
+    if quantization:
+        raise ValueError("model.quantization loads a finished folder: set model.path (export the stage-1 model first)")
     if not cfg.recipe:
         raise ValueError("model config needs `recipe` or `path`")
     from mmalign.recipes import get_recipe, with_backbones  # recipes import this module

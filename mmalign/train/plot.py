@@ -22,7 +22,8 @@ def plot_metrics(metrics_jsonl: str | Path, png: str | Path, title: str = "") ->
     smooth = [sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1]) for i in range(len(loss))]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax_loss.plot(steps, loss, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
-    ax_loss.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"running mean ({window} logs)")
+    if window > 1:
+        ax_loss.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"running mean ({window} logs)")
     ax_loss.set_ylabel("loss (answer tokens)")
     ax_loss.legend(loc="upper right")
     ax_loss.grid(alpha=0.3)

@@ -128,3 +128,29 @@ def test_lora_run_trains_with_its_own_projector_lr_and_exports_merged(tmp_path, 
     pristine = LlavaForConditionalGeneration.from_pretrained(model_dir).state_dict()
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(state[q], pristine[q])  # the adapters were merged into the base weights
+
+
+def test_quantized_base_is_for_lora_on_a_finished_folder(tmp_path, tiny_spec):
+    from types import SimpleNamespace
+
+    from mmalign.model.build import model_from_config
+    from mmalign.train.lora import prepare_quantized
+
+    recipe_cfg = SimpleNamespace(path=None, recipe="toy-llava", vision=None, llm=None, dtype="float32", device="cpu",
+                                 attn_implementation=None, quantization="4bit")  # fmt: skip
+    with pytest.raises(ValueError, match="set model.path"):
+        model_from_config(recipe_cfg)
+    model, _ = _llava(tiny_spec)
+    with pytest.raises(ValueError, match="set train.lora_r > 0"):
+        prepare_quantized(model, TrainConfig(lora_r=0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA's 4-bit base needs CUDA (bitsandbytes)")
+def test_qlora_trains_adapters_on_a_4bit_base(tmp_path, tiny_spec, model_dirs):
+    data = caption_data(tmp_path / "data", n=4)
+    cfg = config(model_dirs("llava"), data, tmp_path / "run", "data.caption_format=plain", "model.device=cuda",
+                 "model.dtype=bfloat16", "model.quantization=4bit", "train.lora_r=4", "train.mixed_precision=bf16",
+                 "train.gradient_checkpointing=true", "train.max_steps=2", "train.save_every=2", "train.plot=false")  # fmt: skip
+    final = train(cfg)
+    saved = load_file(str(final / WEIGHTS))
+    assert any(".lora_B." in k and saved[k].abs().sum() > 0 for k in saved)
