@@ -349,3 +349,64 @@ def test_bf16_autocast_keeps_trainable_weights_float32(tmp_path, model_dir):
     assert all(np.isfinite(v) for v in lb.values())
     assert lb != la and lb == pytest.approx(la, abs=0.1)  # computed in bf16: close, not equal
     assert lb[6] < lb[1]
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A stand-in for the streamed sources: an IterableDataset with set_epoch / set_resume that
+    yields a seeded order of the records, starting after the batches already consumed."""
+
+    def __init__(self, base) -> None:
+        self.base, self.epoch, self.skip, self.calls, self.read = base, 0, 0, [], 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.calls.append(("epoch", epoch))
+
+    def set_resume(self, batches_consumed: int, batch_size: int) -> None:
+        self.skip = batches_consumed * batch_size
+        self.calls.append(("resume", batches_consumed, batch_size))
+
+    def __iter__(self):
+        order = torch.randperm(len(self.base), generator=torch.Generator().manual_seed(7 + self.epoch)).tolist()
+        for i in order[self.skip :]:
+            self.read += 1
+            yield self.base[i]
+
+
+def test_streamed_dataset_resumes_exactly_without_rereading(tmp_path, model_dir, monkeypatch):
+    streams: list[_Stream] = []
+    real_build = loop.dataset_from_config
+
+    def streamed(*args, **kwargs):
+        streams.append(_Stream(real_build(*args, **kwargs)))
+        return streams[-1]
+
+    monkeypatch.setattr(loop, "dataset_from_config", streamed)
+    data = caption_data(tmp_path / "data", n=5)  # batch 2: 3 batches per epoch
+    common = ("train.max_steps=8", "train.save_every=4", "train.plot=false", "train.warmup_steps=2", "train.lr=1e-3")
+    a_out, b_out = tmp_path / "a", tmp_path / "b"
+    train(config(model_dir, data, a_out, *common))
+    assert streams[0].calls[:2] == [("epoch", 0), ("resume", 0, 2)] and ("epoch", 2) in streams[0].calls
+
+    real_check, calls = loop.check_image_tokens, {"n": 0}
+
+    def dying_check(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise Killed
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "check_image_tokens", dying_check)
+    with pytest.raises(Killed):
+        train(config(model_dir, data, b_out, *common))
+    monkeypatch.setattr(loop, "check_image_tokens", real_check)
+    train(config(model_dir, data, b_out, *common))
+
+    resumed = streams[-1]
+    # checkpoint-4 = epoch 1 (batches of 2, 2, 1), 1 batch consumed: the stream is told to skip it
+    assert resumed.calls[:2] == [("epoch", 1), ("resume", 1, 2)]
+    assert resumed.read == 2 + 1 + 2 + 2  # steps 5-8 read exactly their own samples, none again
+    la, lb = losses_by_step(a_out), losses_by_step(b_out)
+    assert sorted(lb) == list(range(1, 9))
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], abs=1e-5), (step, la, lb)
