@@ -78,7 +78,9 @@ class ResumableSampler(Sampler[int]):
             yield from batch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, role_lr: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, role_lr: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
     """Weight decay on matrices only: biases, norms and 1-d tensors are not decayed (MiniGPT-4).
 
     `role_lr` ({"projector": 2e-5, ...}) gives a part its own learning rate (LLaVA's
@@ -93,7 +95,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float, role_lr: dict[str,
     out = []
     for (lr, decay), params in groups.items():
         if params or lr is None:  # the two default groups always exist (stable optimizer layout)
-            out.append({"params": params, "weight_decay": weight_decay if decay else 0.0, **({"lr": lr} if lr is not None else {})})
+            out.append(
+                {
+                    "params": params,
+                    "weight_decay": weight_decay if decay else 0.0,
+                    **({"lr": lr} if lr is not None else {}),
+                }
+            )
     return out
 
 
@@ -196,7 +204,9 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
     report = apply_freeze(model, tc.trainable)
     if tc.lora_r:
         apply_lora(model, tc)  # LoRA weights join the trainable set (LLM role)
-        report = dataclasses.replace(report, trainable_names=[n for n, p in model.named_parameters() if p.requires_grad])
+        report = dataclasses.replace(
+            report, trainable_names=[n for n, p in model.named_parameters() if p.requires_grad]
+        )
     if main:
         log.info("%s", report)
         if tc.lora_r:
@@ -378,7 +388,9 @@ def _resume_position(ckpt: Path, state: dict, position: dict, rank: int, world: 
         position["epoch"], position["consumed"] = state["epoch"], state["consumed"]
         return state["rng"]
     if streamed:
-        raise ValueError(f"{ckpt}: written by {saved_world} process(es); a streamed dataset resumes only with the same count")
+        raise ValueError(
+            f"{ckpt}: written by {saved_world} process(es); a streamed dataset resumes only with the same count"
+        )
     seen = state["consumed"] * state.get("batch_size", tc.batch_size) * saved_world
     if seen % (tc.batch_size * world):
         raise ValueError(
@@ -391,7 +403,18 @@ def _resume_position(ckpt: Path, state: dict, position: dict, rank: int, world: 
     return None
 
 
-def _save(accelerator, out: Path, model, raw, names: list[str], optimizer, scheduler, step: int, position: dict, cfg: RunConfig) -> None:
+def _save(
+    accelerator,
+    out: Path,
+    model,
+    raw,
+    names: list[str],
+    optimizer,
+    scheduler,
+    step: int,
+    position: dict,
+    cfg: RunConfig,
+) -> None:
     """A collective: every rank gathers / writes its part; the folder appears whole or not at all."""
     main, rank = accelerator.is_main_process, accelerator.process_index
     ckpt = out / f"checkpoint-{step}"

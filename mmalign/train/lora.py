@@ -65,7 +65,13 @@ def apply_lora(model: nn.Module, tc: TrainConfig):
     params = dict(model.named_parameters())
     for name in keep:  # ... so the policy's own trainable parts are switched back on
         params[name].requires_grad_(True)
-    log.info("LoRA r=%d alpha=%d dropout=%.2f on %d LLM Linear layers", tc.lora_r, tc.lora_alpha, tc.lora_dropout, len(targets))
+    log.info(
+        "LoRA r=%d alpha=%d dropout=%.2f on %d LLM Linear layers",
+        tc.lora_r,
+        tc.lora_alpha,
+        tc.lora_dropout,
+        len(targets),
+    )
     return peft_model
 
 
@@ -73,7 +79,9 @@ def prepare_quantized(model: nn.Module, tc: TrainConfig) -> None:
     """QLoRA: a 4-/8-bit base (loaded with `model.quantization`) needs peft's k-bit preparation
     (norms in float32, input grads for checkpointing) before adapters go on. CUDA only."""
     if not tc.lora_r:
-        raise ValueError("model.quantization trains only with LoRA (set train.lora_r > 0): quantized weights cannot train")
+        raise ValueError(
+            "model.quantization trains only with LoRA (set train.lora_r > 0): quantized weights cannot train"
+        )
     from peft import prepare_model_for_kbit_training
 
     prepare_model_for_kbit_training(

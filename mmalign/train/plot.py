@@ -19,7 +19,9 @@ def plot_metrics(metrics_jsonl: str | Path, png: str | Path, title: str = "") ->
     steps = [r["step"] for r in records]
     loss = [r["loss"] for r in records]
     window = max(1, len(loss) // 20)
-    smooth = [sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1]) for i in range(len(loss))]
+    smooth = [
+        sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1]) for i in range(len(loss))
+    ]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax_loss.plot(steps, loss, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
     if window > 1:

@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_global_batch_is_kept_when_the_process_count_changes():
     tc = TrainConfig(batch_size=16, global_batch_size=256, grad_accum=3)
     assert [grad_accum_for(tc, n) for n in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 1]
-    with pytest.raises(ValueError, match=r"global_batch_size=256 is not a multiple of train.batch_size=16 x 3 processes"):
+    with pytest.raises(
+        ValueError, match=r"global_batch_size=256 is not a multiple of train.batch_size=16 x 3 processes"
+    ):
         grad_accum_for(tc, 3)
     with pytest.raises(ValueError, match="x 32 processes = 512"):
         grad_accum_for(tc, 32)

@@ -286,7 +286,9 @@ def test_cli_run_killed_with_sigkill_continues_the_same_loss_curve(tmp_path, mod
     while time.time() < deadline and proc.poll() is None:
         ckpt = latest_checkpoint(out)
         if ckpt is not None and (out / "metrics.jsonl").exists():
-            logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.endswith("}")]
+            logged = [
+                json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.endswith("}")
+            ]
             if logged and max(logged) > int(ckpt.name.split("-")[1]):
                 os.kill(proc.pid, signal.SIGKILL)
                 break
