@@ -40,7 +40,12 @@ def grad_accum_for(tc: TrainConfig, num_processes: int) -> int:
 
 def make_accelerator(tc: TrainConfig, out: Path) -> tuple[Accelerator, int]:
     """The Accelerator for this run (engine from the launcher's environment) + its accumulation."""
-    from accelerate.state import PartialState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    # one run, one configuration: an earlier run in this process (stage 1 before stage 2, tests)
+    # may have used other precision / accumulation settings; the process group (PartialState) stays
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
     # torchrun on a machine without an accelerator: accelerate runs multi-process CPU (gloo)
     # only when told it is on CPU
@@ -56,6 +61,10 @@ def make_accelerator(tc: TrainConfig, out: Path) -> tuple[Accelerator, int]:
         log_with=trackers or None,
         project_dir=str(out),
     )
+    active = {str(t.value if hasattr(t, "value") else t) for t in accelerator.log_with}
+    missing = [t for t in trackers if t not in active]
+    if missing:  # accelerate drops a tracker whose package is missing with only a debug message
+        raise ValueError(f"train.report_to: {missing} not installed here; pip install -e '.[track]' (tensorboard, wandb)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # we build our own DataLoader (resumable, rank-split), so DeepSpeed's "auto" batch
         # fields cannot be filled from a prepared one: fill them from the config
@@ -78,7 +87,7 @@ def make_accelerator(tc: TrainConfig, out: Path) -> tuple[Accelerator, int]:
 
 
 def engine_of(accelerator: Accelerator) -> str:
-    """ "fsdp", "deepspeed" or "replicated" (one process, DDP: every rank holds everything)."""
+    """One of "fsdp", "deepspeed", "replicated" (one process or DDP: every rank holds everything)."""
     if accelerator.distributed_type == DistributedType.FSDP:
         return "fsdp"
     if accelerator.distributed_type == DistributedType.DEEPSPEED:

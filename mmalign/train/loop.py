@@ -172,12 +172,6 @@ def train(cfg: RunConfig) -> Path:
     finally:
         for tracker in accelerator.trackers:
             tracker.finish()
-        # the next `train` in this process (stage 1 -> 2, tests) may use other precision settings;
-        # the process group (PartialState) stays
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
 
 
 def _train(cfg: RunConfig, accelerator, accum: int) -> Path:

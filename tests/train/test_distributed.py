@@ -96,3 +96,15 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
     state = torch.load(ckpt / STATE_FILE, weights_only=False)
     assert (state["world_size"], state["epoch"], state["consumed"]) == (2, 1, 2)
     assert (two / "checkpoint-2" / STATE_FILE).is_file() and not list(two.glob(".tmp-*"))
+
+
+def test_a_tracker_that_is_not_installed_is_an_error_not_silence(tmp_path, monkeypatch):
+    import accelerate.tracking
+
+    from mmalign.train.distributed import make_accelerator
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    with pytest.raises(ValueError, match=r"report_to: \['tensorboard'\] not installed"):
+        make_accelerator(TrainConfig(report_to="tensorboard"), tmp_path)
+    accelerator, accum = make_accelerator(TrainConfig(report_to="none", grad_accum=3), tmp_path)
+    assert accum == 3 and accelerator.num_processes == 1 and not accelerator.log_with
