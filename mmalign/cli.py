@@ -91,6 +91,12 @@ def _export(a: argparse.Namespace) -> None:
 
     cfg = _load_config(a)
     model, tokenizer = model_from_config(cfg.model)
+    if cfg.train.lora_r:  # the checkpoint holds LoRA adapters: put them on; export merges them
+        from mmalign.model import apply_freeze
+        from mmalign.train.lora import apply_lora
+
+        apply_freeze(model, cfg.train.trainable)
+        apply_lora(model, cfg.train)
     load_trainable(model, a.checkpoint, strict=False)
     export(model, tokenizer, a.out, image_processor=image_processor_for(model), template=cfg.data.template)
     print(a.out)

@@ -25,6 +25,7 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "cpu"
     attn_implementation: str | None = None  # "sdpa", "eager", "flash_attention_2"
+    quantization: str | None = None  # "4bit" (QLoRA base, bitsandbytes NF4, CUDA only) or "8bit"
 
 
 @dataclass
@@ -61,15 +62,26 @@ class TrainConfig:
     trainable: str = "projector"  # a freezing policy name (mmalign.model.freeze)
     output_dir: str = "runs/stage1"
     max_steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
+    batch_size: int = 8  # per device (per process)
+    grad_accum: int = 1  # used when global_batch_size is not set
+    global_batch_size: int | None = None  # kept when the process count changes: accumulation is derived
     lr: float = 1e-4
-    min_lr: float = 8e-5
+    min_lr: float = 8e-5  # the floor of the cosine, as a fraction of lr for every group
+    projector_lr: float | None = None  # per-part learning rates (None: lr), LLaVA's mm_projector_lr
+    vision_lr: float | None = None
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast; trainable tensors stay float32)
+    gradient_checkpointing: bool = False  # LLM + vision tower, non-reentrant
+    lora_r: int = 0  # > 0: LoRA (peft) on the LLM's linear layers; its base weights stay frozen
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target: str = "all-linear"  # all-linear (every LLM Linear but lm_head) or names, e.g. q_proj,v_proj
+    report_to: str = "none"  # accelerate trackers, comma-separated: tensorboard, wandb
+    plot: bool = True  # loss / learning-rate PNG at the end of a run
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2

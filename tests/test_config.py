@@ -48,7 +48,7 @@ def test_yaml_values_override_defaults():
     cfg = load_config(CONFIG_DIR / "minigpt4_stage1.yaml")
     assert cfg.model.recipe == "minigpt4-vicuna7b"
     assert cfg.model.dtype == "float16" and cfg.model.device == "cuda"
-    assert cfg.train.max_steps == 20000 and cfg.train.batch_size * cfg.train.grad_accum == 256
+    assert cfg.train.max_steps == 20000 and cfg.train.batch_size == 64 and cfg.train.global_batch_size == 256
     assert cfg.train.lr == pytest.approx(1e-4) and cfg.train.warmup_steps == 5000
     assert cfg.data.clean_captions is True and cfg.data.num_workers == 4
     # a field not in the file keeps its default

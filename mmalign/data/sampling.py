@@ -73,6 +73,11 @@ class LengthGroupedSampler(Sampler[int]):
         rest.sort(key=lambda i: -abs(self.lengths[i]))
         return order + rest
 
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The full order of ``epoch`` (for a loop that splits batches across ranks itself)."""
+        self.set_epoch(epoch)
+        return self.order()
+
     def _spread(self, step: list[int]) -> list[int]:
         """Sorted step -> rank-major order: rank r's batch is step[r::world_size]."""
         return [i for r in range(self.world_size) for i in step[r :: self.world_size]]

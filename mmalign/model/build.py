@@ -375,8 +375,8 @@ def quantization_config(config: PreTrainedConfig, load_in: str, device: str | to
 
     if load_in == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=skip,
-                              bnb_4bit_compute_dtype=dtype or torch.float16)  # fmt: skip
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              llm_int8_skip_modules=skip, bnb_4bit_compute_dtype=dtype or torch.float16)  # fmt: skip
 
 
 def load_model(
@@ -443,8 +443,11 @@ def model_from_config(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     continue from) wins over ``recipe`` (backbones composed fresh); ``dtype`` is a torch name."""
     dtype = getattr(torch, cfg.dtype) if isinstance(cfg.dtype, str) else cfg.dtype
     kwargs = dict(dtype=dtype, device=cfg.device, attn_implementation=cfg.attn_implementation)
+    quantization = getattr(cfg, "quantization", None)
     if cfg.path:
-        return load_model(cfg.path, **kwargs)
+        return load_model(cfg.path, **kwargs, load_in=quantization)
+    if quantization:
+        raise ValueError("model.quantization loads a finished folder: set model.path (export the stage-1 model first)")
     if not cfg.recipe:
         raise ValueError("model config needs `recipe` or `path`")
     from mmalign.recipes import get_recipe, with_backbones  # recipes import this module

@@ -9,6 +9,7 @@ A training checkpoint is a folder:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,21 @@ WEIGHTS, META, STATE = "trainable.safetensors", "trainable.json", "state.pt"
 
 def save_trainable(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the trainable tensors (+ ``extra`` via torch.save) to the folder ``path``."""
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return save_tensors(tensors, path, model_type, extra)
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, model_type: str | None, extra: dict[str, Any] | None = None
+) -> Path:
+    """``save_trainable`` for tensors already gathered (from FSDP / DeepSpeed shards)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     if not tensors:
         raise ValueError("no parameter requires grad: nothing to save (apply_freeze first?)")
-    save_file(tensors, str(path / WEIGHTS))
-    meta = {
-        "model_type": getattr(getattr(model, "config", None), "model_type", None),
-        "tensors": {n: list(t.shape) for n, t in tensors.items()},
-    }
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(path / WEIGHTS))
+    meta = {"model_type": model_type, "tensors": {n: list(t.shape) for n, t in tensors.items()}}
     (path / META).write_text(json.dumps(meta, indent=1))
     if extra:
         torch.save(extra, path / STATE)
@@ -72,6 +78,24 @@ def load_trainable(model: nn.Module, path: str | Path, *, strict: bool = True) -
     return torch.load(state, map_location="cpu", weights_only=True) if state.exists() else {}
 
 
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold LoRA adapters into their base Linear layers (peft's merge) and drop the wrappers, so
+    the model is a plain HF model again; a model without LoRA comes back unchanged."""
+    if "peft" not in sys.modules:  # peft never imported: no LoRA layer can exist (and export stays fast)
+        return model
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    return model
+
+
 def export(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -88,6 +112,7 @@ def export(
     shards the safetensors (default: transformers')."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    model = merge_lora(model)  # a LoRA-trained model is exported as plain weights
     model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     jinja = None
     if template is not None:
@@ -118,4 +143,4 @@ def export(
     return out
 
 
-__all__ = ["save_trainable", "load_trainable", "export"]
+__all__ = ["save_trainable", "save_tensors", "load_trainable", "merge_lora", "export"]

@@ -4,106 +4,34 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+import yaml
 from safetensors.torch import load_file
+from train_helpers import (
+    CAPTIONS,
+    COLORS,
+    PROJECTOR,
+    _image,
+    caption_data,
+    cc_sbu_align,
+    config,
+    losses_by_step,
+    metrics,
+)
 
 import mmalign.train.loop as loop
-from mmalign.config import load_config
-from mmalign.model import build_model, export, image_processor_for
+from mmalign.config import to_dict
 from mmalign.model.checkpoint import WEIGHTS
 from mmalign.train.loop import STATE_FILE, ResumableSampler, latest_checkpoint, train
-
-PROJECTOR = "model.multi_modal_projector."
-CAPTIONS = [
-    "a red circle above a blue square",
-    "a green triangle left of a small yellow star",
-    "there are three shapes",
-    "a blue square",
-    "a small yellow star",
-]
-COLORS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (240, 220, 20), (120, 120, 120)]
-
-
-@pytest.fixture
-def model_dirs(tmp_path_factory, tiny_spec):
-    """``model_dirs(arch)``: a tiny exported folder of ``arch``."""
-    made: dict[str, Path] = {}
-
-    def get(arch: str) -> Path:
-        if arch not in made:
-            torch.manual_seed(0)
-            model, tok = build_model(tiny_spec(arch))
-            out = tmp_path_factory.mktemp(f"tiny_{arch}")
-            export(model, tok, out, image_processor=image_processor_for(model), template="minigpt4_v0")
-            made[arch] = out
-        return made[arch]
-
-    return get
-
-
-@pytest.fixture
-def model_dir(model_dirs) -> Path:
-    """A tiny minigpt4_patch folder (32 px images -> 4 image tokens)."""
-    return model_dirs("minigpt4_patch")
-
-
-def _image(path: Path, color, seed: int = 0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(color)[None, None] + rng.integers(-20, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path, format="JPEG")
-
-
-def caption_data(root: Path, n: int = 5) -> Path:
-    """`[{"image": "images/i.jpg", "caption": ...}]` with n records."""
-    recs = []
-    for i in range(n):
-        _image(root / "images" / f"{i}.jpg", COLORS[i % len(COLORS)], seed=i)
-        recs.append({"image": f"images/{i}.jpg", "caption": CAPTIONS[i % len(CAPTIONS)]})
-    path = root / "caps.json"
-    path.write_text(json.dumps(recs))
-    return path
-
-
-def cc_sbu_align(root: Path, n: int = 4) -> Path:
-    """MiniGPT-4's stage-2 layout: filter_cap.json + image/{image_id}.jpg."""
-    anns = []
-    for i in range(n):
-        _image(root / "image" / f"{100 + i}.jpg", COLORS[i % len(COLORS)], seed=10 + i)
-        anns.append({"image_id": str(100 + i), "caption": CAPTIONS[i % len(CAPTIONS)].capitalize() + "."})
-    path = root / "filter_cap.json"
-    path.write_text(json.dumps({"annotations": anns}))
-    return path
-
-
-def config(model_dir: Path, data: Path, out: Path, *overrides: str):
-    return load_config(
-        None,
-        [
-            f"model.path={model_dir}",
-            f"data.path={data}",
-            f"train.output_dir={out}",
-            "train.batch_size=2",
-            "train.lr=1e-2",
-            "train.min_lr=1e-3",
-            "train.log_every=1",
-            *overrides,
-        ],
-    )
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses_by_step(out: Path) -> dict[int, float]:
-    """The last logged loss of each step (a resumed run re-logs the steps after its checkpoint)."""
-    return {m["step"]: m["loss"] for m in metrics(out)}
 
 
 @pytest.fixture
@@ -139,7 +67,7 @@ def test_stage1_lowers_loss_saves_and_keeps_frozen_tensors(tmp_path, model_dir, 
 
     # keep_checkpoints=2: the oldest (10) is gone; no half-written folder left behind
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["checkpoint-20", "checkpoint-30", "config.json", "data_report.json", "metrics.jsonl"]
+    assert names == ["checkpoint-20", "checkpoint-30", "config.json", "data_report.json", "loss.png", "metrics.jsonl"]
     assert (final / STATE_FILE).is_file()
     report = json.loads((out / "data_report.json").read_text())
     assert report["total"] == 0 and report["truncated"] == 0
@@ -334,3 +262,176 @@ def test_resume_skips_a_half_written_checkpoint(tmp_path, model_dir):
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert not junk.exists()  # the save of step 6 replaced the stale temp folder
     assert torch.load(final / STATE_FILE, weights_only=False)["step"] == 6
+
+
+def test_cli_run_killed_with_sigkill_continues_the_same_loss_curve(tmp_path, model_dir):
+    """The real thing: `mmalign train` in a subprocess, SIGKILLed after a checkpoint (with steps
+    logged past it), restarted with the same command; its per-step losses match a run that was
+    never interrupted."""
+    data = caption_data(tmp_path / "data", n=5)
+    common = ("data.source=conversations", "train.max_steps=40", "train.save_every=5", "train.keep_checkpoints=20",
+              "train.warmup_steps=2", "train.lr=1e-3", "train.plot=false")  # fmt: skip
+    ref = tmp_path / "ref"
+    train(config(model_dir, data, ref, *common))
+
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(config(model_dir, data, out, *common))))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "mmalign.cli", "train", str(cfg_file)]
+
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None and (out / "metrics.jsonl").exists():
+            logged = [
+                json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.endswith("}")
+            ]
+            if logged and max(logged) > int(ckpt.name.split("-")[1]):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    killed_at = latest_checkpoint(out)
+    assert killed_at is not None and killed_at.name != "checkpoint-40"  # really cut short
+    steps_before = [m["step"] for m in metrics(out)]
+    assert max(steps_before) > int(killed_at.name.split("-")[1])  # work past the checkpoint is lost
+
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {killed_at}" in done.stderr
+    assert done.stdout.strip().endswith("checkpoint-40")
+
+    assert [m["step"] for m in metrics(out)] == list(range(1, 41))  # each step once: stale records dropped
+    la, lb = losses_by_step(ref), losses_by_step(out)
+    for step in range(1, 41):
+        assert lb[step] == pytest.approx(la[step], abs=1e-5), (step, killed_at, la[step], lb[step])
+    wa, wb = load_file(str(ref / "checkpoint-40" / WEIGHTS)), load_file(str(out / "checkpoint-40" / WEIGHTS))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6)
+
+
+def test_gradient_checkpointing_recomputes_without_changing_the_losses(tmp_path, model_dir, monkeypatch):
+    import transformers.modeling_utils as mu
+
+    data = caption_data(tmp_path / "data", n=4)
+    common = ("train.trainable=projector", "train.max_steps=3", "train.save_every=3", "train.plot=false")
+    plain = tmp_path / "plain"
+    train(config(model_dir, data, plain, *common))
+    calls = {"n": 0}
+    real = mu.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mu, "checkpoint", counting)  # what activation_checkpointing_enable binds
+    ckpt = tmp_path / "ckpt"
+    train(config(model_dir, data, ckpt, *common, "train.gradient_checkpointing=true"))
+
+    # the frozen LLM (2 layers) sits on the gradient path to the projector: it is checkpointed
+    assert calls["n"] >= 3 * 2 * 2, calls
+    la, lb = losses_by_step(plain), losses_by_step(ckpt)
+    assert lb == pytest.approx(la, abs=1e-6)
+
+
+def test_bf16_autocast_keeps_trainable_weights_float32(tmp_path, model_dir):
+    data = caption_data(tmp_path / "data", n=4)
+    common = ("train.trainable=projector", "train.max_steps=6", "train.save_every=6", "train.plot=false")
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    train(config(model_dir, data, fp32, *common))
+    final = train(config(model_dir, data, bf16, *common, "model.dtype=bfloat16", "train.mixed_precision=bf16"))
+
+    saved = load_file(str(final / WEIGHTS))
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())  # masters stay float32
+    la, lb = losses_by_step(fp32), losses_by_step(bf16)
+    assert all(np.isfinite(v) for v in lb.values())
+    assert lb != la and lb == pytest.approx(la, abs=0.1)  # computed in bf16: close, not equal
+    assert lb[6] < lb[1]
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A stand-in for the streamed sources: an IterableDataset with set_epoch / set_resume that
+    yields a seeded order of the records, starting after the batches already consumed."""
+
+    def __init__(self, base) -> None:
+        self.base, self.epoch, self.skip, self.calls, self.read = base, 0, 0, [], 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.calls.append(("epoch", epoch))
+
+    def set_resume(self, batches_consumed: int, batch_size: int) -> None:
+        self.skip = batches_consumed * batch_size
+        self.calls.append(("resume", batches_consumed, batch_size))
+
+    def __iter__(self):
+        order = torch.randperm(len(self.base), generator=torch.Generator().manual_seed(7 + self.epoch)).tolist()
+        for i in order[self.skip :]:
+            self.read += 1
+            yield self.base[i]
+
+
+def test_streamed_dataset_resumes_exactly_without_rereading(tmp_path, model_dir, monkeypatch):
+    streams: list[_Stream] = []
+    real_build = loop.dataset_from_config
+
+    def streamed(*args, **kwargs):
+        streams.append(_Stream(real_build(*args, **kwargs)))
+        return streams[-1]
+
+    monkeypatch.setattr(loop, "dataset_from_config", streamed)
+    data = caption_data(tmp_path / "data", n=5)  # batch 2: 3 batches per epoch
+    common = ("train.max_steps=8", "train.save_every=4", "train.plot=false", "train.warmup_steps=2", "train.lr=1e-3")
+    a_out, b_out = tmp_path / "a", tmp_path / "b"
+    train(config(model_dir, data, a_out, *common))
+    assert streams[0].calls[:2] == [("epoch", 0), ("resume", 0, 2)] and ("epoch", 2) in streams[0].calls
+
+    real_check, calls = loop.check_image_tokens, {"n": 0}
+
+    def dying_check(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise Killed
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "check_image_tokens", dying_check)
+    with pytest.raises(Killed):
+        train(config(model_dir, data, b_out, *common))
+    monkeypatch.setattr(loop, "check_image_tokens", real_check)
+    train(config(model_dir, data, b_out, *common))
+
+    resumed = streams[-1]
+    # checkpoint-4 = epoch 1 (batches of 2, 2, 1), 1 batch consumed: the stream is told to skip it
+    assert resumed.calls[:2] == [("epoch", 1), ("resume", 1, 2)]
+    assert resumed.read == 2 + 1 + 2 + 2  # steps 5-8 read exactly their own samples, none again
+    la, lb = losses_by_step(a_out), losses_by_step(b_out)
+    assert sorted(lb) == list(range(1, 9))
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], abs=1e-5), (step, la, lb)
+
+
+def test_length_grouped_batches_split_across_ranks_once_each():
+    from mmalign.data.sampling import LengthGroupedSampler
+
+    lengths = [int(x) for x in np.random.default_rng(0).integers(5, 300, 64)]
+    grouped = LengthGroupedSampler(lengths, batch_size=4, world_size=2, seed=3, megabatch_size=4)
+    ranks = [ResumableSampler(64, 3, batch_size=4, rank=r, world=2, order=grouped.epoch_order) for r in (0, 1)]
+    seen = [list(s) for s in ranks]
+    assert sorted(seen[0] + seen[1]) == list(range(64))  # 64 = 8 steps of 2 ranks x 4: nothing dropped
+    for r in (0, 1):  # same step on both ranks: batches of similar length (one sorted megabatch)
+        batches = [seen[r][i : i + 4] for i in range(0, 64 // 2, 4)]
+        spread = np.mean([np.ptp([lengths[i] for i in b]) for b in batches])
+        assert spread < np.ptp(lengths) / 2
+    ranks[0].epoch = 1
+    assert list(ranks[0]) != seen[0]  # a new order per epoch
+
+
+def test_group_by_length_trains(tmp_path, model_dir):
+    data = caption_data(tmp_path / "data", n=4)
+    cfg = config(model_dir, data, tmp_path / "run", "data.source=captions", "data.group_by_length=true",
+                 "train.max_steps=3", "train.save_every=3", "train.plot=false")  # fmt: skip
+    assert train(cfg) == tmp_path / "run" / "checkpoint-3"
