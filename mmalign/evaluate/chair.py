@@ -242,4 +242,15 @@ def rows_coco(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str]]
     return rows
 
 
-TASK = Task("chair", load_coco, score_coco, rows_coco, "CHAIRi / CHAIRs on COCO, long and short description prompts")
+def notes_coco(by_model: dict[str, dict[str, Any]]) -> list[str]:
+    out = []
+    for name, m in by_model.items():
+        if "long" in m and "short" in m:
+            out.append(f"- {name}: CHAIRi short prompt {m['short']['chair_i']:.1%} ({m['short']['mean_words']:.1f} words) vs "
+                       f"long {m['long']['chair_i']:.1%} ({m['long']['mean_words']:.1f} words); MiniGPT-4 reports 7.2% "
+                       "(28.8 words) vs 9.6% (175 words)")  # fmt: skip
+    return out
+
+
+TASK = Task("chair", load_coco, score_coco, rows_coco, "CHAIRi / CHAIRs on COCO, long and short description prompts",
+            notes_coco)

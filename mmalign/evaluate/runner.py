@@ -63,6 +63,7 @@ class Task:
     score: Callable[[list[dict[str, Any]]], dict[str, Any]]
     rows: Callable[[dict[str, Any]], list[tuple[str, tuple[str, ...], str]]]
     description: str = ""
+    notes: Callable[[dict[str, dict[str, Any]]], list[str]] | None = None  # report text read off the metrics
 
 
 # id -> "module:attribute"; imported on use so `mmalign eval --task pope` loads only POPE
@@ -222,3 +223,65 @@ def run_task(
     if out_dir is not None:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return EvalResult(metrics, records)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command: models x one task -> per-model predictions + metrics, one report
+
+
+def parse_models(specs: Sequence[str]) -> dict[str, str]:
+    """`PATH` or `NAME=PATH` (a hub id or folder) -> {name: path}; names default to the folder name."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name or spec, spec
+        if name in out:
+            raise ValueError(f"two models named {name!r}; name them: --model NAME=PATH")
+        out[name] = path
+    return out
+
+
+def evaluate(
+    task_name: str,
+    models: dict[str, str],
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    images: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    template: str | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    rescore: bool = False,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate each model on one task into `out/NAME/`, then write `out/report.md` + `report.png`
+    comparing them. `rescore`: load no model, score the saved predictions only."""
+    from mmalign.evaluate.report import write_report
+
+    task = get_task(task_name)
+    samples = task.load(Path(data) if data else None, Path(images) if images else None, options or {})
+    if not samples:
+        raise ValueError(f"task {task_name!r}: no samples found in {data}")
+    results: dict[str, dict[str, Any]] = {}
+    for name, path in models.items():
+        model = tokenizer = transform = tmpl = None
+        if not rescore:
+            from mmalign.model import image_transform_for, load_model, template_of
+
+            model, tokenizer = load_model(path, dtype=dtype, device=device)
+            tmpl, transform = template or template_of(path), image_transform_for(model)
+        results[name] = run_task(task, samples, Path(out) / name, model, tokenizer, tmpl, transform,
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress).metrics  # fmt: skip
+        del model
+    rows = list(dict.fromkeys(r for m in results.values() for r in task.rows(m)))
+    intro = [f"Task `{task.name}`: {task.description}; {len(samples)} prompts, greedy decoding.", ""]
+    intro += [f"- `{name}`: `{path}`" for name, path in models.items()]
+    if data:
+        intro.append(f"- data: `{data}`")
+    write_report(f"Evaluation: {task.name}", results, rows, out, intro=intro,
+                 notes=task.notes(results) if task.notes else [])  # fmt: skip
+    return results

@@ -169,7 +169,7 @@ def _toy_rows(metrics: dict[str, Any]) -> list:
     return ROWS
 
 
-TASK = Task("toy", load_toy, score_toy, _toy_rows, "toy world: VQA per kind, presence F1, CHAIR long vs short")
+TASK = Task("toy", load_toy, score_toy, _toy_rows, "toy world: VQA per kind, presence F1, CHAIR long vs short", toy_notes)
 
 
 def evaluate_toy(
