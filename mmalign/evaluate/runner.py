@@ -194,6 +194,8 @@ def run_task(
             total=len(samples), initial=len(samples) - len(todo), unit="sample", desc=f"eval {task.name}",
             disable=not progress,
         ) as bar:
+            if f is not None and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+                f.write("\n")  # a line cut off by a kill stays on its own (unreadable) line
             for chunk in _batches(todo, batch_size):
                 ready, images = [], []
                 for s in chunk:
