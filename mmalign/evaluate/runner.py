@@ -160,6 +160,14 @@ def _batches(samples: list[Sample], batch_size: int) -> Iterable[list[Sample]]:
         yield chunk
 
 
+def _ends_without_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return False
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, Any]
@@ -194,7 +202,7 @@ def run_task(
             total=len(samples), initial=len(samples) - len(todo), unit="sample", desc=f"eval {task.name}",
             disable=not progress,
         ) as bar:
-            if f is not None and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            if f is not None and _ends_without_newline(path):
                 f.write("\n")  # a line cut off by a kill stays on its own (unreadable) line
             for chunk in _batches(todo, batch_size):
                 ready, images = [], []
