@@ -74,15 +74,17 @@ def _chat(a: argparse.Namespace) -> None:
 
 
 def _eval(a: argparse.Namespace) -> None:
-    from mmalign.evaluate.toy import evaluate_toy
-    from mmalign.model import image_transform_for
-    from mmalign.model.build import load_model, template_of
+    from mmalign.evaluate.runner import evaluate, parse_models
 
-    model, tokenizer = load_model(a.model, dtype=a.dtype, device=a.device)
-    result = evaluate_toy(model, tokenizer, a.template or template_of(a.model), image_transform_for(model),
-                          n_scenes=a.n_scenes, batch_size=a.batch_size)  # fmt: skip
-    result.save(a.out)
-    print(json.dumps(result.metrics, indent=1))
+    options = {"limit": a.limit, "seed": a.seed, "split": a.split, "n_scenes": a.n_scenes}
+    try:
+        results = evaluate(a.task, parse_models(a.model), a.out, data=a.data, images=a.images, options=options,
+                           batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, template=a.template,
+                           dtype=a.dtype, device=a.device, rescore=a.rescore)  # fmt: skip
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"mmalign eval: error: {e.args[0] if e.args else e}") from None
+    print(json.dumps(results[next(iter(results))] if len(results) == 1 else results, indent=1))
+    print(f"report: {Path(a.out) / 'report.md'}")
 
 
 def _export(a: argparse.Namespace) -> None:
@@ -182,10 +184,23 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--max-batch-size", type=int, default=16, help="requests generated together in one batch")
     v.set_defaults(fn=_serve)
 
-    e = sub.add_parser("eval", help="evaluate on held-out toy scenes (VQA, presence F1, CHAIR, length)")
-    model_args(e)
-    e.add_argument("--n-scenes", type=int, default=200)
+    e = sub.add_parser("eval", help="evaluate on a benchmark (toy, chair, pope, vqav2, gqa, vizwiz, textvqa, mme, "
+                                     "mmbench): predictions JSONL (resumable) + report.md / report.png")  # fmt: skip
+    e.add_argument("--model", required=True, action="append",
+                   help="exported folder or hub id, or NAME=PATH; repeat to compare models in one report")  # fmt: skip
+    e.add_argument("--task", default="toy", help="benchmark (default: toy, the embedded world; needs no --data)")
+    e.add_argument("--data", default=None, help="the benchmark's file or folder in its published layout")
+    e.add_argument("--images", default=None, help="image folder, when not where the layout puts it")
+    e.add_argument("--template", default=None, help="override the model's template")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--n-scenes", type=int, default=200, help="toy: held-out scenes")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only this many items (images / questions)")
+    e.add_argument("--seed", type=int, default=0, help="which items --limit draws (chair)")
+    e.add_argument("--split", default=None, help="chair: COCO split (default val2014)")
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--max-new-tokens", type=int, default=None, help="override the task's answer length")
+    e.add_argument("--rescore", action="store_true", help="score the saved predictions again; load no model")
     e.add_argument("--out", default="runs/eval")
     e.set_defaults(fn=_eval)
 

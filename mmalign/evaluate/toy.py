@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mmalign.chat.generate import generate_batch
 from mmalign.data import toyworld as tw
-from mmalign.prompts import MINIGPT4_INSTRUCTIONS, user_with_image
+from mmalign.evaluate.chair import SHORT_PROMPT, chair_counts, chair_scores
+from mmalign.evaluate.pope import yes_no_metrics
+from mmalign.evaluate.runner import Sample, Task, run_task
+from mmalign.prompts import MINIGPT4_INSTRUCTIONS
 
-LONG_PROMPT = MINIGPT4_INSTRUCTIONS[0]  # "Describe this image in detail."
-SHORT_PROMPT = "Please describe the image shortly and precisely, in less than 20 words."
+LONG_PROMPT = MINIGPT4_INSTRUCTIONS[0]  # "Describe this image in detail." (what the toy trains on)
+DESCRIBE_PROMPTS = {"long": LONG_PROMPT, "short": SHORT_PROMPT}
 
 
 def repeated_ngram_rate(text: str, n: int = 3) -> float:
@@ -37,38 +39,40 @@ def repeated_sentence_rate(text: str) -> float:
     return 0.0 if not sents else 1.0 - len(set(sents)) / len(sents)
 
 
+def toy_names(text: str) -> list[str]:
+    """The toy vocabulary: objects a text names, "red circle" or a bare "circle"."""
+    return [f"{c} {s}" if c else s for c, s in tw.mentioned_objects(text)]
+
+
+def toy_truth(scene: tw.Scene) -> tuple[set[str], list[str]]:
+    """(names that may be said, objects to recall): a bare shape is right if any object has it;
+    each object is recalled by its colour + shape."""
+    allowed = {f"{o.colour} {o.shape}" for o in scene.objects} | {o.shape for o in scene.objects}
+    return allowed, [f"{o.colour} {o.shape}" for o in scene.objects]
+
+
 def chair(description: str, scene: tw.Scene) -> tuple[int, int, int]:
     """(hallucinated mentions, all mentions, scene objects mentioned) for one description."""
-    mentions = tw.mentioned_objects(description)
-    bad = sum(not (scene.has(c, s) if c else scene.count(shape=s)) for c, s in mentions)
-    covered = sum(any(o.colour == c and o.shape == s for c, s in mentions) for o in scene.objects)
-    return bad, len(mentions), covered
+    return chair_counts(toy_names(description), *toy_truth(scene))
 
 
 def presence_f1(pairs: list[tuple[str, str]]) -> dict[str, float]:
     """pairs of (prediction, truth) for yes / no questions; "yes" is the positive class."""
-    tp = sum(p == "yes" and t == "yes" for p, t in pairs)
-    fp = sum(p == "yes" and t == "no" for p, t in pairs)
-    fn = sum(p != "yes" and t == "yes" for p, t in pairs)
-    prec = tp / (tp + fp) if tp + fp else 0.0
-    rec = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-    yes_ratio = sum(p == "yes" for p, _ in pairs) / max(len(pairs), 1)
-    return {"precision": prec, "recall": rec, "f1": f1, "yes_ratio": yes_ratio}
+    m = yes_no_metrics(pairs)
+    return {k: m[k] for k in ("precision", "recall", "f1", "yes_ratio")}
 
 
 def describe_metrics(texts: list[str], scenes: list[tw.Scene]) -> dict[str, float]:
-    bad = total = covered = n_obj = with_bad = 0
-    for text, scene in zip(texts, scenes):
-        b, m, c = chair(text, scene)
-        bad, total, covered, n_obj, with_bad = bad + b, total + m, covered + c, n_obj + len(scene.objects), with_bad + (b > 0)
+    per = [chair(t, s) for t, s in zip(texts, scenes)]
+    c = chair_scores(per, sum(len(s.objects) for s in scenes))
+    n = max(len(texts), 1)
     return {
-        "chair_i": bad / max(total, 1),
-        "chair_s": with_bad / max(len(texts), 1),
-        "object_recall": covered / max(n_obj, 1),
-        "mean_words": sum(len(t.split()) for t in texts) / max(len(texts), 1),
-        "repeated_trigram_rate": sum(map(repeated_ngram_rate, texts)) / max(len(texts), 1),
-        "repeated_sentence_rate": sum(map(repeated_sentence_rate, texts)) / max(len(texts), 1),
+        "chair_i": c["chair_i"],
+        "chair_s": c["chair_s"],
+        "object_recall": c["recall"],
+        "mean_words": sum(len(t.split()) for t in texts) / n,
+        "repeated_trigram_rate": sum(map(repeated_ngram_rate, texts)) / n,
+        "repeated_sentence_rate": sum(map(repeated_sentence_rate, texts)) / n,
     }
 
 
@@ -86,6 +90,88 @@ class ToyEval:
                 f.write(json.dumps(s) + "\n")
 
 
+def toy_samples(n_scenes: int = 200, split: str = "test", seed: int = 0,
+                describe_prompts: dict[str, str] | None = None) -> list[Sample]:  # fmt: skip
+    """Every toy question about `n_scenes` held-out scenes, then a description of each per prompt."""
+    rng = random.Random(seed)
+    scenes = [tw.make_scene(s) for s in tw.split_seeds(split, n_scenes)]
+    image = lambda scene: (lambda: tw.render(scene))  # noqa: E731
+    out = []
+    for scene in scenes:
+        for k, qa in enumerate(tw.questions(scene, rng)):
+            out.append(Sample(f"qa/{scene.seed}/{k}", qa.question, image(scene),
+                              {"kind": qa.kind, "answer": qa.answer, "scene": scene.seed}, max_new_tokens=8))  # fmt: skip
+    for name, prompt in (describe_prompts or DESCRIBE_PROMPTS).items():
+        for scene in scenes:
+            out.append(Sample(f"describe_{name}/{scene.seed}", prompt, image(scene),
+                              {"kind": f"describe_{name}", "scene": scene.to_dict(), "listing": tw.listing(scene)},
+                              max_new_tokens=120))  # fmt: skip
+    return out
+
+
+def score_toy(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """VQA accuracy per kind, presence F1, and per description prompt CHAIR / length / repetition."""
+    by_kind: dict[str, list[int]] = {}
+    yes_no: list[tuple[str, str]] = []
+    described: dict[str, list[tuple[str, tw.Scene, str]]] = {}
+    scenes = set()
+    for r in records:
+        t, pred = r["truth"], r["prediction"]
+        if t["kind"].startswith("describe_"):
+            scene = tw.Scene.from_dict(t["scene"])
+            described.setdefault(t["kind"], []).append((pred, scene, r["prompt"]))
+            scenes.add(scene.seed)
+            continue
+        pred = pred.strip().lower().rstrip(".")
+        by_kind.setdefault(t["kind"], []).append(int(pred == t["answer"]))
+        scenes.add(t["scene"])
+        if t["kind"] == "presence":
+            yes_no.append((pred, t["answer"]))
+    metrics: dict[str, Any] = {"n_scenes": len(scenes), "n_questions": sum(map(len, by_kind.values()))}
+    metrics["vqa_accuracy"] = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
+    metrics["presence"] = presence_f1(yes_no)
+    for kind, items in described.items():
+        texts, scns, prompts = zip(*items)
+        metrics[kind] = {"prompt": prompts[0], **describe_metrics(list(texts), list(scns))}
+    return metrics
+
+
+def toy_notes(by_model: dict[str, dict[str, Any]]) -> list[str]:
+    """The paper's two observations, read off the numbers: stage 2 vs stage 1 on the detailed
+    prompt, and short vs long prompt CHAIRi (MiniGPT-4: 7.2 vs 9.6 on COCO)."""
+    get = lambda m, k, f: m.get(k, {}).get(f)  # noqa: E731
+    notes = ["Observations (computed from the table):", ""]
+    names = list(by_model)
+    if len(names) >= 2:
+        a, b = by_model[names[0]], by_model[names[-1]]
+        for field, what in (("chair_i", "CHAIRi"), ("mean_words", "mean words"),
+                            ("repeated_sentence_rate", "repeated-sentence rate"),
+                            ("repeated_trigram_rate", "repeated-trigram rate")):  # fmt: skip
+            x, y = get(a, "describe_long", field), get(b, "describe_long", field)
+            if x is not None and y is not None:
+                notes.append(f"- detailed prompt, {what}: {names[0]} {x:.3g} -> {names[-1]} {y:.3g}")
+    for name, m in by_model.items():
+        lo, sh = get(m, "describe_long", "chair_i"), get(m, "describe_short", "chair_i")
+        if lo is not None and sh is not None:
+            verdict = "lower" if sh < lo else "not lower"
+            notes.append(f"- {name}: CHAIRi short prompt {sh:.1%} vs detailed {lo:.1%} ({verdict}; paper: 7.2% vs 9.6%)")
+    return notes if len(notes) > 2 else []
+
+
+def load_toy(data: Path | None, images: Path | None, options: dict[str, Any]) -> list[Sample]:
+    """The toy world needs no files: held-out scenes are generated (`n_scenes`, default 200)."""
+    return toy_samples(options.get("n_scenes") or 200, seed=options.get("seed", 0))
+
+
+def _toy_rows(metrics: dict[str, Any]) -> list:
+    from mmalign.evaluate.report import ROWS
+
+    return ROWS
+
+
+TASK = Task("toy", load_toy, score_toy, _toy_rows, "toy world: VQA per kind, presence F1, CHAIR long vs short", toy_notes)
+
+
 def evaluate_toy(
     model: Any,
     tokenizer: Any,
@@ -99,33 +185,6 @@ def evaluate_toy(
     describe_prompts: dict[str, str] | None = None,
 ) -> ToyEval:
     """Greedy answers to every toy question and detailed / short descriptions of `n_scenes` scenes."""
-    rng = random.Random(seed)
-    scenes = [tw.make_scene(s) for s in tw.split_seeds(split, n_scenes)]
-    images = [tw.render(s) for s in scenes]
-    qa_items, qa_meta = [], []
-    for i, scene in enumerate(scenes):
-        for qa in tw.questions(scene, rng):
-            qa_items.append((images[i], [{"role": "user", "content": user_with_image(template, qa.question)}]))
-            qa_meta.append((i, qa))
-    answers = generate_batch(model, tokenizer, template, qa_items, image_transform, batch_size=batch_size,
-                             max_new_tokens=8)  # fmt: skip
-    by_kind: dict[str, list[int]] = {}
-    yes_no: list[tuple[str, str]] = []
-    samples = []
-    for (i, qa), pred in zip(qa_meta, answers):
-        pred = pred.strip().lower().rstrip(".")
-        by_kind.setdefault(qa.kind, []).append(int(pred == qa.answer))
-        if qa.kind == "presence":
-            yes_no.append((pred, qa.answer))
-        samples.append({"scene": scenes[i].seed, "kind": qa.kind, "question": qa.question, "answer": qa.answer, "prediction": pred})
-    metrics: dict[str, Any] = {"n_scenes": n_scenes, "n_questions": len(qa_items)}
-    metrics["vqa_accuracy"] = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
-    metrics["presence"] = presence_f1(yes_no)
-    for name, prompt in (describe_prompts or {"long": LONG_PROMPT, "short": SHORT_PROMPT}).items():
-        items = [(im, [{"role": "user", "content": user_with_image(template, prompt)}]) for im in images]
-        texts = generate_batch(model, tokenizer, template, items, image_transform, batch_size=batch_size,
-                               max_new_tokens=120)  # fmt: skip
-        metrics[f"describe_{name}"] = {"prompt": prompt, **describe_metrics(texts, scenes)}
-        samples += [{"scene": s.seed, "kind": f"describe_{name}", "prompt": prompt, "truth": tw.listing(s),
-                     "prediction": t} for s, t in zip(scenes, texts)]  # fmt: skip
-    return ToyEval(metrics, samples)
+    samples = toy_samples(n_scenes, split, seed, describe_prompts)
+    result = run_task(TASK, samples, None, model, tokenizer, template, image_transform, batch_size=batch_size)
+    return ToyEval(result.metrics, result.records)

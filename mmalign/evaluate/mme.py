@@ -1,0 +1,106 @@
+"""MME (Fu et al., 2023): yes / no questions, two per image (one true, one false), 14 sub-tasks.
+
+Layout of the released `MME_Benchmark_release_version/`: one folder per sub-task; either
+`images/` + `questions_answers_YN/` (artwork, celebrity, landmark, posters, scene) or images
+and `.txt` files side by side. Each `.txt` holds `question<TAB>Yes|No` lines for the image of
+the same stem; the questions already end with "Please answer yes or no.".
+
+Per sub-task: accuracy (questions right) and accuracy+ (images with both questions right),
+both in percent; score = accuracy + accuracy+ (max 200). Perception and cognition totals are
+the sums over their sub-tasks. Answers parse as MME's tool does: "yes" / "no" after lower-casing
+and dropping periods, else by "yes" / "no" in the first 4 characters, else "other" (wrong).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mmalign.evaluate.runner import YES_NO, Sample, Task, with_suffix
+
+log = logging.getLogger(__name__)
+
+PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
+COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
+
+
+def mme_answer(text: str) -> str:
+    """MME's parsing: "yes", "no" or "other"."""
+    t = text.lower().strip().replace(".", "")
+    if t in ("yes", "no"):
+        return t
+    head = t[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def _pairs(folder: Path) -> list[tuple[Path, Path]]:
+    """(question file, image) pairs of one sub-task folder, in either released layout."""
+    qa_dir, img_dir = (folder / "questions_answers_YN", folder / "images")
+    if not qa_dir.is_dir():
+        qa_dir = img_dir = folder
+    out = []
+    for txt in sorted(qa_dir.glob("*.txt")):
+        image = next((img_dir / (txt.stem + s) for s in IMAGE_SUFFIXES if (img_dir / (txt.stem + s)).exists()), None)
+        if image is None:
+            log.warning("%s: no image %s.{jpg,png} in %s; skipped", txt, txt.stem, img_dir)
+            continue
+        out.append((txt, image))
+    return out
+
+
+def load_mme(data: Path | None, images: Path | None, options: dict[str, Any]) -> list[Sample]:
+    if data is None or not data.is_dir():
+        raise ValueError(f"--task mme needs --data MME_Benchmark_release_version (a folder); got {data}")
+    from PIL import Image
+
+    samples = []
+    subtasks = [t for t in (*PERCEPTION, *COGNITION) if (data / t).is_dir()]
+    if not subtasks:
+        raise FileNotFoundError(f"{data}: none of MME's sub-task folders ({', '.join(PERCEPTION + COGNITION)})")
+    for task in subtasks:
+        n = 0
+        for txt, image in _pairs(data / task):
+            for k, line in enumerate(x for x in txt.read_text().splitlines() if x.strip()):
+                parts = line.rsplit("\t", 1)
+                if len(parts) != 2 or parts[1].strip().lower() not in ("yes", "no"):
+                    log.warning("%s line %d: not 'question<TAB>Yes|No'; skipped", txt, k + 1)
+                    continue
+                samples.append(Sample(f"{task}/{txt.stem}/{k}", with_suffix(parts[0], YES_NO),
+                                      lambda p=image: Image.open(p),
+                                      {"subtask": task, "image": txt.stem, "answer": parts[1].strip().lower()},
+                                      max_new_tokens=16))  # fmt: skip
+            n += 1
+            if options.get("limit") and n >= options["limit"]:  # images per sub-task
+                break
+    return samples
+
+
+def score_mme(records: list[dict[str, Any]]) -> dict[str, Any]:
+    by_task: dict[str, dict[str, list[bool]]] = {}
+    for r in records:
+        t = r["truth"]
+        by_task.setdefault(t["subtask"], {}).setdefault(t["image"], []).append(mme_answer(r["prediction"]) == t["answer"])
+    out: dict[str, Any] = {"subtasks": {}}
+    for task, images in by_task.items():
+        answers = [ok for oks in images.values() for ok in oks]
+        acc = 100 * sum(answers) / len(answers)
+        acc_plus = 100 * sum(all(oks) for oks in images.values()) / len(images)
+        out["subtasks"][task] = {"accuracy": acc, "accuracy_plus": acc_plus, "score": acc + acc_plus, "n": len(answers)}
+    for group, names in (("perception", PERCEPTION), ("cognition", COGNITION)):
+        scores = [out["subtasks"][t]["score"] for t in names if t in out["subtasks"]]
+        if scores:
+            out[group] = sum(scores)
+    return out
+
+
+def rows_mme(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str]]:
+    rows = [(f"{g} total", (g,), "{:.1f}") for g in ("perception", "cognition") if g in metrics]
+    for task in metrics.get("subtasks", {}):
+        rows += [(f"{task} {k.replace('_plus', '+')}", ("subtasks", task, k), "{:.1f}")
+                 for k in ("score", "accuracy", "accuracy_plus")]
+    return rows
+
+
+TASK = Task("mme", load_mme, score_mme, rows_mme, "MME yes / no: accuracy, accuracy+, perception and cognition totals")
