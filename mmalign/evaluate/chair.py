@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from mmalign.evaluate.runner import Sample, Task
+from mmalign.evaluate.runner import Sample, Task, read_json
 
 LONG_PROMPT = "Please describe this image as detailed as possible."
 SHORT_PROMPT = "Please describe the image shortly and precisely, in less than 20 words."
@@ -157,13 +157,6 @@ def coco_vocabulary() -> PhraseVocabulary:
 # COCO ground truth and the benchmark
 
 
-def _load_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"CHAIR needs {path} (COCO annotations in the published layout)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def coco_objects(instances: dict, captions: dict | None, vocab: PhraseVocabulary | None = None) -> dict[int, set[str]]:
@@ -188,8 +181,8 @@ def load_coco(data: Path | None, images: Path | None, options: dict[str, Any]) -
     if data is None:
         raise ValueError("--task chair needs --data COCO_ROOT")
     split = options.get("split") or "val2014"
-    instances = _load_json(data / "annotations" / f"instances_{split}.json")
-    captions = _load_json(data / "annotations" / f"captions_{split}.json")
+    instances = read_json(data / "annotations" / f"instances_{split}.json")
+    captions = read_json(data / "annotations" / f"captions_{split}.json")
     objects = coco_objects(instances, captions)
     files = {im["id"]: im["file_name"] for im in instances["images"]}
     ids = sorted(files)

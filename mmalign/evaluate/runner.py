@@ -116,6 +116,16 @@ def generate(
 # predictions file
 
 
+def read_json(path: Path) -> Any:
+    """A benchmark's JSON file; a missing or broken one is named in the error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (the benchmark's files in their published layout)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_predictions(path: Path, samples: Iterable[Sample] | None = None) -> dict[str, dict[str, Any]]:
     """Saved records by id. A cut-off last line (killed mid-write) or a corrupt one is counted
     and skipped: that sample is simply answered again. A record whose prompt differs from the

@@ -10,13 +10,12 @@ min(#humans who gave it / 3, 1), averaged over the 10 subsets of 9 of the 10 hum
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mmalign.evaluate.runner import SHORT_ANSWER, Sample, Task, with_suffix
+from mmalign.evaluate.runner import SHORT_ANSWER, Sample, Task, read_json, with_suffix
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +93,6 @@ def vizwiz_answer(prediction: str) -> str:
 # files in each benchmark's published layout
 
 
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _opener(path: Path) -> Callable:
@@ -142,7 +134,7 @@ def load_vqav2(data: Path | None, images: Path | None, options: dict[str, Any]) 
         raise ValueError(f"{data}: expected a VQAv2 questions file named v2_OpenEnded_mscoco_SPLIT_questions.json")
     split = m[1]
     ann_path = data.parent / f"v2_mscoco_{split}_annotations.json"
-    answers = {a["question_id"]: a for a in _read_json(ann_path)["annotations"]}
+    answers = {a["question_id"]: a for a in read_json(ann_path)["annotations"]}
     folder = images or data.parent / split
 
     def row(q):
@@ -150,7 +142,7 @@ def load_vqav2(data: Path | None, images: Path | None, options: dict[str, Any]) 
         return (q["question_id"], q["question"], folder / f"COCO_{split}_{q['image_id']:012d}.jpg",
                 {"answers": [x["answer"] for x in a["answers"]], "answer_type": a.get("answer_type", "all")})  # fmt: skip
 
-    qs = _read_json(data)["questions"]
+    qs = read_json(data)["questions"]
     return _samples(data, [(q.get("question_id"), lambda q=q: row(q)) for q in qs], SHORT_ANSWER, options.get("limit"))
 
 
@@ -164,7 +156,7 @@ def load_gqa(data: Path | None, images: Path | None, options: dict[str, Any]) ->
     def row(qid, q):
         return qid, q["question"], folder / f"{q['imageId']}.jpg", {"answer": q["answer"]}
 
-    qs = _read_json(data)
+    qs = read_json(data)
     return _samples(data, [(k, lambda k=k, q=q: row(k, q)) for k, q in qs.items()], SHORT_ANSWER, options.get("limit"))
 
 
@@ -183,7 +175,7 @@ def load_vizwiz(data: Path | None, images: Path | None, options: dict[str, Any])
                  "answer_type": q.get("answer_type", "all")}  # fmt: skip
         return q["image"], q["question"], folder / q["image"], truth
 
-    qs = _read_json(data)
+    qs = read_json(data)
     return _samples(data, [(q.get("image"), lambda q=q: row(q)) for q in qs], VIZWIZ_SUFFIX, options.get("limit"))
 
 
@@ -197,7 +189,7 @@ def load_textvqa(data: Path | None, images: Path | None, options: dict[str, Any]
     def row(q):
         return q["question_id"], q["question"], folder / f"{q['image_id']}.jpg", {"answers": list(q["answers"])}
 
-    qs = _read_json(data)["data"]
+    qs = read_json(data)["data"]
     return _samples(data, [(q.get("question_id"), lambda q=q: row(q)) for q in qs], SHORT_ANSWER, options.get("limit"))
 
 

@@ -3,12 +3,11 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from mmalign.cli import main
 from mmalign.evaluate import runner
-from mmalign.evaluate.runner import Sample, evaluate, get_task, parse_models, read_predictions, run_task
+from mmalign.evaluate.runner import Sample, get_task, parse_models, read_predictions, run_task
 from mmalign.evaluate.toy import TASK as TOY
 from mmalign.evaluate.toy import toy_samples
 from mmalign.model import image_transform_for

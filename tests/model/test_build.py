@@ -217,7 +217,7 @@ def test_load_in_8bit_on_cpu_quantizes_the_llm_only(tmp_path, build, arch):
 
 
 def test_load_in_4bit_on_cpu_uses_bitsandbytes_nf4(tmp_path, build):
-    from mmalign.model import export, load_model, weight_bytes
+    from mmalign.model import export, load_model
 
     llm = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=400, max_position_embeddings=256)  # fmt: skip
