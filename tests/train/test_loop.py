@@ -90,6 +90,22 @@ class Killed(Exception):
     pass
 
 
+def train_killed_at_batch(n: int, monkeypatch, cfg) -> None:
+    """Run `cfg` and kill it (an exception out of the loop) as it reaches its n-th batch."""
+    real_check, calls = loop.check_image_tokens, {"n": 0}
+
+    def dying_check(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Killed
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "check_image_tokens", dying_check)
+    with pytest.raises(Killed):
+        train(cfg)
+    monkeypatch.setattr(loop, "check_image_tokens", real_check)
+
+
 @pytest.mark.parametrize(
     "arch, trainable, source",
     [
@@ -110,18 +126,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, model_dirs, monkeypat
     train(config(model_dir, data, a_out, *common))
 
     # run B is killed in the middle of step 6: after checkpoint-4, with step 5 already logged
-    real_check, calls = loop.check_image_tokens, {"n": 0}
-
-    def dying_check(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise Killed
-        return real_check(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "check_image_tokens", dying_check)
-    with pytest.raises(Killed):
-        train(config(model_dir, data, b_out, *common))
-    monkeypatch.setattr(loop, "check_image_tokens", real_check)
+    train_killed_at_batch(6, monkeypatch, config(model_dir, data, b_out, *common))
     assert latest_checkpoint(b_out) == b_out / "checkpoint-4"
     assert not (b_out / "checkpoint-8").exists()
     assert [m["step"] for m in metrics(b_out)] == [1, 2, 3, 4, 5]
@@ -390,18 +395,7 @@ def test_streamed_dataset_resumes_exactly_without_rereading(tmp_path, model_dir,
     train(config(model_dir, data, a_out, *common))
     assert streams[0].calls[:2] == [("epoch", 0), ("resume", 0, 2)] and ("epoch", 2) in streams[0].calls
 
-    real_check, calls = loop.check_image_tokens, {"n": 0}
-
-    def dying_check(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise Killed
-        return real_check(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "check_image_tokens", dying_check)
-    with pytest.raises(Killed):
-        train(config(model_dir, data, b_out, *common))
-    monkeypatch.setattr(loop, "check_image_tokens", real_check)
+    train_killed_at_batch(6, monkeypatch, config(model_dir, data, b_out, *common))
     train(config(model_dir, data, b_out, *common))
 
     resumed = streams[-1]
