@@ -184,14 +184,27 @@ def _pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "slots": [e.get("slots") for e in examples]}
 
 
-def embed_with_slots(model, input_ids: torch.Tensor, slots: list, image_token_id: int) -> torch.Tensor:
-    """Input embeddings where each image placeholder holds its slot's summed word embeddings."""
+def embed_with_slots(
+    model, input_ids: torch.Tensor, slots: list, image_token_id: int, jitter: torch.Generator | None = None
+) -> torch.Tensor:
+    """Input embeddings where each image placeholder holds its slot's summed word embeddings.
+
+    ``jitter`` (training): half the slot rows are scaled by 1-30x and get up to 50 % noise, so
+    the LLM reads a slot by its direction, as it must read a projected image token, whose norm
+    and fine detail the projection sets (a trained toy projection's tokens are ~20x a word sum).
+    """
     table = model.get_input_embeddings()
     x = table(input_ids)
     for i, row in enumerate(slots):
         if row:
             where = (input_ids[i] == image_token_id).nonzero().squeeze(1)
-            x[i, where] = torch.stack([table.weight[s].sum(0) for s in row])
+            v = torch.stack([table.weight[s].sum(0) for s in row])
+            if jitter is not None and torch.rand((), generator=jitter) < 0.5:
+                scale = torch.exp(torch.rand((len(row), 1), generator=jitter) * math.log(30.0))
+                eps = torch.rand((len(row), 1), generator=jitter) * 0.5
+                noise = torch.randn(v.shape, generator=jitter) * v.norm(dim=-1, keepdim=True) / v.shape[-1] ** 0.5
+                v = scale * (v + eps * noise)
+            x[i, where] = v
     return x
 
 
@@ -262,6 +275,7 @@ def train_llm(
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(out)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
+    jitter = torch.Generator().manual_seed(seed)
     model = LlamaForCausalLM.from_pretrained(out) if resume else LlamaForCausalLM(llm_config(tokenizer))
     print(f"llm: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
@@ -283,7 +297,7 @@ def train_llm(
         for g in opt.param_groups:
             g["lr"] = cur
         slots = batch.pop("slots")
-        embeds = embed_with_slots(model, batch.pop("input_ids"), slots, image_id)
+        embeds = embed_with_slots(model, batch.pop("input_ids"), slots, image_id, jitter=jitter)
         loss = model(inputs_embeds=embeds, **batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
