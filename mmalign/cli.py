@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--n-scenes", type=int, default=200, help="toy: held-out scenes")
     e.add_argument("--limit", type=int, default=None, help="evaluate only this many items (images / questions)")
     e.add_argument("--seed", type=int, default=0, help="which items --limit draws (chair)")
-    e.add_argument("--split", default=None, help="chair: COCO split (default val2014)")
+    e.add_argument("--split", default=None, help="chair: COCO split (default val2014); toy: test (default) or val")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-new-tokens", type=int, default=None, help="override the task's answer length")
     e.add_argument("--rescore", action="store_true", help="score the saved predictions again; load no model")

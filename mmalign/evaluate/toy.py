@@ -159,8 +159,9 @@ def toy_notes(by_model: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def load_toy(data: Path | None, images: Path | None, options: dict[str, Any]) -> list[Sample]:
-    """The toy world needs no files: held-out scenes are generated (`n_scenes`, default 200)."""
-    return toy_samples(options.get("n_scenes") or 200, seed=options.get("seed", 0))
+    """The toy world needs no files: held-out scenes are generated (`n_scenes`, default 200, of
+    the `split` test or val)."""
+    return toy_samples(options.get("n_scenes") or 200, options.get("split") or "test", seed=options.get("seed", 0))
 
 
 def _toy_rows(metrics: dict[str, Any]) -> list:

@@ -134,3 +134,12 @@ def test_repeated_sentence_rate_counts_verbatim_repeats():
     assert repeated_sentence_rate("A red circle. A red circle. A blue square.") == 1 - 2 / 3
     assert repeated_sentence_rate("There is a red circle. There is a blue square.") == 0.0
     assert repeated_sentence_rate("") == 0.0
+
+
+def test_toy_task_reads_the_requested_split():
+    from mmalign.data import toyworld as tw
+    from mmalign.evaluate.toy import load_toy
+
+    for split in ("test", "val"):
+        scenes = {int(s.id.split("/")[1]) for s in load_toy(None, None, {"split": split, "n_scenes": 3})}
+        assert scenes == set(tw.split_seeds(split, 3))
