@@ -182,14 +182,20 @@ def clean_caption(text: str, max_words: int = 50) -> str:
     return " ".join(words[:max_words])
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the earliest stop string, and whether one was found."""
+    cuts = [text.find(s) for s in stops if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
 def strip_stop(text: str, template: str | Template) -> str:
     """Cut generated text at the first stop string (and trim whitespace)."""
-    cut = len(text)
-    for s in get_template(template).stop:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut].strip()
+    return cut_at_stop(text, get_template(template).stop)[0].strip()
 
 
 def image_token_id(tokenizer: Any) -> int:

@@ -24,7 +24,8 @@ from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList
 
 from mmalign.data.collate import left_pad
 from mmalign.model import check_image_tokens, num_image_tokens
-from mmalign.prompts import Template, build_generation_prompt, get_template, stop_token_ids, strip_stop
+from mmalign.prompts import (Template, build_generation_prompt, cut_at_stop, get_template, stop_prefix_len,
+                             stop_token_ids, strip_stop)
 
 # transformers 5.x renames generate's `past_key_values` to `cache` (the old name is deprecated)
 CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
@@ -139,8 +140,8 @@ class _RowsCriteria(StoppingCriteria):
     decodes each live row's new tokens, cuts at that row's stop strings, sends the text that can
     no longer turn into a stop string, and reports the rows that are done."""
 
-    def __init__(self, rows: Sequence[Row], tokenizer: Any, template: Template, eos_ids: Sequence[int], start: int):
-        self.rows, self.tok, self.start, self.eos = rows, tokenizer, start, set(eos_ids)
+    def __init__(self, rows: Sequence[Row], tokenizer: Any, template: Template, eos_ids: Sequence[int]):
+        self.rows, self.tok, self.eos = rows, tokenizer, set(eos_ids)
         self.stops = [tuple(template.stop) + tuple(r.stop) for r in rows]
         self.shown = [0] * len(rows)
 
@@ -192,7 +193,7 @@ def generate_rows(model: Any, tokenizer: Any, template: str | Template, rows: Se
     batch = left_pad([r.input_ids for r in rows], tokenizer.pad_token_id)
     images = [im for r in rows for im in r.images]
     check_image_tokens(batch["input_ids"], len(images), model.config)
-    criteria = _RowsCriteria(rows, tokenizer, t, kwargs["eos_token_id"], batch["input_ids"].shape[1])
+    criteria = _RowsCriteria(rows, tokenizer, t, kwargs["eos_token_id"])
     pixel_values = torch.stack(images).to(device, dtype) if images else None
     model.eval()
     model_generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), pixel_values,
@@ -201,13 +202,3 @@ def generate_rows(model: Any, tokenizer: Any, template: str | Template, rows: Se
         if row.finish_reason is None:
             row.finish_reason = "length"
 
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """`text` up to the earliest stop string, and whether one was found."""
-    cuts = [text.find(s) for s in stops if s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

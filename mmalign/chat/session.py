@@ -25,7 +25,6 @@ from mmalign.model import check_image_tokens, num_image_tokens
 from mmalign.prompts import encode_user_turn, get_template, user_with_image
 
 _DEFAULT: Any = object()
-_cut_at_stop, _stop_prefix_len = cut_at_stop, stop_prefix_len  # old names
 
 
 class ChatSession:

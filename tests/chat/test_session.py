@@ -10,7 +10,8 @@ from PIL import Image
 
 import mmalign.chat.session as session_mod
 from mmalign.chat.generate import generate_batch
-from mmalign.chat.session import ChatSession, _cut_at_stop, _stop_prefix_len, cut_at_stop
+from mmalign.chat.session import ChatSession
+from mmalign.prompts import cut_at_stop, stop_prefix_len
 from mmalign.model import build_model, image_transform_for, num_image_tokens
 from mmalign.prompts import get_template
 from mmalign.recipes import get_recipe
@@ -214,25 +215,25 @@ def test_beam_search_answers_in_one_piece(session):
         ("abc##", ("abc##", False)),
     ],
 )
-def test_cut_at_stop(text, cut):
-    assert _cut_at_stop(text, ("###",)) == cut
+def testcut_at_stop(text, cut):
+    assert cut_at_stop(text, ("###",)) == cut
 
 
 def test_cut_at_stop_takes_the_earliest_of_several_stops():
-    assert _cut_at_stop("ab</s>cd###", ("###", "</s>")) == ("ab", True)
+    assert cut_at_stop("ab</s>cd###", ("###", "</s>")) == ("ab", True)
 
 
 @pytest.mark.parametrize(
     "text, hold",
     [("abc#", 1), ("abc##", 2), ("abc", 0), ("", 0), ("#a", 0), ("abc# ", 0)],
 )
-def test_stop_prefix_len(text, hold):
-    assert _stop_prefix_len(text, ("###",)) == hold
+def teststop_prefix_len(text, hold):
+    assert stop_prefix_len(text, ("###",)) == hold
 
 
 def test_stop_prefix_len_longest_over_stops():
-    assert _stop_prefix_len("ok</s", ("###", "</s>")) == 3
-    assert _stop_prefix_len("ok<", ("###", "</s>")) == 1
+    assert stop_prefix_len("ok</s", ("###", "</s>")) == 3
+    assert stop_prefix_len("ok<", ("###", "</s>")) == 1
 
 
 # --------------------------------------------------------------------------- KV cache reuse
