@@ -23,8 +23,9 @@ class LengthGroupedSampler(Sampler[int]):
     world_size-th index (so ranks get similar lengths too); the steps of both modalities are
     shuffled together, and the incomplete remainders of both go last.
 
-    The order is global: a DataLoader sharded by batches across ranks (accelerate's
-    ``prepare``: rank r takes batches r, r + world, ...) gives each rank its part. Resume with
+    The order is global: rank r takes batches r, r + world, ... of it (the training loop does
+    this with ``epoch_order`` and its ``ResumableSampler``; a DataLoader sharded by accelerate's
+    ``prepare`` does the same). As a sampler on its own, resume with
     ``set_resume(batches_consumed, batch_size)`` (batches of one rank) or set ``start`` (indices).
     """
 

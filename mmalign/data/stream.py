@@ -462,11 +462,11 @@ def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Add up ``SkipCounter.summary()`` dicts (e.g. one per source or per rank)."""
     out: dict[str, Any] = {"total": 0, "counts": {}, "examples": {}, "truncated": 0}
     for s in summaries:
-        out["total"] += s["total"]
+        out["total"] += s.get("total", 0)
         out["truncated"] += s.get("truncated", 0)
-        for k, v in s["counts"].items():
+        for k, v in s.get("counts", {}).items():
             out["counts"][k] = out["counts"].get(k, 0) + v
-        for k, v in s["examples"].items():
+        for k, v in s.get("examples", {}).items():
             out["examples"].setdefault(k, []).extend(v)
         if "log" in s:
             out.setdefault("logs", []).append(s["log"])

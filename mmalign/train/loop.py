@@ -30,6 +30,7 @@ from transformers import get_scheduler
 from mmalign.config import RunConfig, TrainConfig, to_dict
 from mmalign.data.build import dataset_from_config, sampler_from_config
 from mmalign.data.collate import collate
+from mmalign.data.stream import merge_summaries
 from mmalign.model import (
     apply_freeze,
     check_image_tokens,
@@ -157,19 +158,6 @@ def _modes(model: torch.nn.Module, frozen: list[torch.nn.Module], checkpointing:
                     sub.eval()
 
 
-def _merge_skips(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One data report from every rank's skip counts (each rank read its own share)."""
-    merged: dict[str, Any] = {"total": 0, "counts": {}, "examples": {}, "truncated": 0}
-    for r in reports:
-        merged["total"] += r.get("total", 0)
-        merged["truncated"] += r.get("truncated", 0)
-        for k, v in r.get("counts", {}).items():
-            merged["counts"][k] = merged["counts"].get(k, 0) + v
-        for k, v in r.get("examples", {}).items():
-            merged["examples"].setdefault(k, []).extend(v)
-    return merged
-
-
 def train(cfg: RunConfig) -> Path:
     """Run one stage; returns the folder of its final checkpoint (trainable tensors)."""
     tc = cfg.train
@@ -223,6 +211,11 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model.get_input_embeddings().weight.requires_grad is False:
             model.enable_input_require_grads()  # LLM frozen / LoRA: keep the graph from the embeddings
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]
+    if half and tc.mixed_precision == "no":
+        raise ValueError(f"model.dtype={cfg.model.dtype} trains {half[0]} (and {len(half) - 1} more) in half precision, "
+                         "where AdamW's updates vanish or turn NaN: set train.mixed_precision=fp16|bf16 "
+                         "(trainable weights are then kept in float32)")  # fmt: skip
     if tc.mixed_precision != "no" and engine == "replicated":
         for p in model.parameters():  # autocast computes in half; the weights AdamW updates stay float32
             if p.requires_grad and p.dtype != torch.float32:
@@ -300,6 +293,7 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
                disable=not main)  # fmt: skip
     _modes(model, frozen, tc.gradient_checkpointing)
     batches = iter(loader())
+    had_batch = position["consumed"] > 0  # this epoch gave a usable batch (a resumed epoch did)
     t_start, samples = time.time(), 0
     while step < tc.max_steps:
         sums = torch.zeros(3, dtype=torch.float64)  # loss / accum, answer tokens, samples (this rank)
@@ -307,12 +301,17 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
             batch = next(batches, _END)
             while batch is _END or batch is None:
                 if batch is _END:  # end of an epoch: reshuffle with the next epoch's seed
-                    position["epoch"], position["consumed"] = position["epoch"] + 1, 0
+                    if not had_batch:
+                        raise RuntimeError(f"rank {rank}: epoch {position['epoch']} gave no usable batch (no data for "
+                                           "this rank, or every sample skipped: see the log) - stopping instead of "
+                                           "spinning while other ranks wait")  # fmt: skip
+                    position["epoch"], position["consumed"], had_batch = position["epoch"] + 1, 0, False
                     batches = iter(loader())
                 else:  # every sample of this batch was skipped (and counted)
                     position["consumed"] += 1
                 batch = next(batches, _END)
             position["consumed"] += 1
+            had_batch = True
             n_images = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])
             check_image_tokens(batch["input_ids"], n_images, model_config)
             inputs = {k: v.to(accelerator.device) for k, v in batch.items() if v is not None}
@@ -331,7 +330,7 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
         samples += int(total[2])
         elapsed = time.time() - t_start
         loss_mean = float(total[0]) / world
-        lr = scheduler.get_last_lr()[0] / scheduler.base_lrs[0] * tc.lr
+        lr = scheduler.get_last_lr()[0]
         rec = {"step": step, "loss": round(loss_mean, 5), "lr": lr, "grad_norm": round(_to_float(grad_norm), 4),
                "answer_tokens": int(total[1]), "samples_per_s": round(samples / max(elapsed, 1e-9), 2)}  # fmt: skip
         bar.update(1)
@@ -351,7 +350,7 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
         skipped = gather_object(skipped)
     if main:
         metrics.close()
-        report_data = _merge_skips(skipped)
+        report_data = merge_summaries(skipped)
         if report_data.get("total") or report_data.get("truncated"):
             log.warning("skipped or truncated samples: %s", report_data)
         (out / "data_report.json").write_text(json.dumps(report_data, indent=1, default=str))

@@ -29,6 +29,7 @@ from train_helpers import (
 )
 
 import mmalign.train.loop as loop
+from mmalign.data.sampling import LengthGroupedSampler
 from mmalign.config import to_dict
 from mmalign.model.checkpoint import WEIGHTS
 from mmalign.train.loop import STATE_FILE, ResumableSampler, latest_checkpoint, train
@@ -409,8 +410,6 @@ def test_streamed_dataset_resumes_exactly_without_rereading(tmp_path, model_dir,
 
 
 def test_length_grouped_batches_split_across_ranks_once_each():
-    from mmalign.data.sampling import LengthGroupedSampler
-
     lengths = [int(x) for x in np.random.default_rng(0).integers(5, 300, 64)]
     grouped = LengthGroupedSampler(lengths, batch_size=4, world_size=2, seed=3, megabatch_size=4)
     ranks = [ResumableSampler(64, 3, batch_size=4, rank=r, world=2, order=grouped.epoch_order) for r in (0, 1)]
@@ -424,8 +423,35 @@ def test_length_grouped_batches_split_across_ranks_once_each():
     assert list(ranks[0]) != seen[0]  # a new order per epoch
 
 
-def test_group_by_length_trains(tmp_path, model_dir):
+def test_group_by_length_trains(tmp_path, model_dir, monkeypatch):
+    seen = {}
+
+    class Spy(loop.ResumableSampler):
+        def _batches(self):
+            seen.setdefault("batches", super()._batches())
+            seen.setdefault("order", self.order)
+            return super()._batches()
+
+    monkeypatch.setattr(loop, "ResumableSampler", Spy)
     data = caption_data(tmp_path / "data", n=4)
     cfg = config(model_dir, data, tmp_path / "run", "data.source=captions", "data.group_by_length=true",
                  "train.max_steps=3", "train.save_every=3", "train.plot=false")  # fmt: skip
     assert train(cfg) == tmp_path / "run" / "checkpoint-3"
+    assert isinstance(seen["order"].__self__, LengthGroupedSampler)  # without grouping: None
+    order = seen["order"](0)
+    assert seen["batches"] == [order[0:2], order[2:4]]  # the epoch's batches follow the grouped order
+
+
+def test_half_precision_trainable_weights_need_mixed_precision(tmp_path, model_dir):
+    data = caption_data(tmp_path / "data", n=2)
+    cfg = config(model_dir, data, tmp_path / "run", "data.source=captions", "model.dtype=bfloat16", "train.max_steps=1")
+    with pytest.raises(ValueError, match="train.mixed_precision"):
+        train(cfg)
+
+
+def test_an_epoch_without_any_usable_batch_stops_with_an_error(tmp_path, model_dir):
+    data = tmp_path / "caps.json"  # every record points at a missing image: skipped, counted
+    data.write_text(json.dumps([{"image": "missing.jpg", "caption": "a red circle"}] * 2))
+    cfg = config(model_dir, data, tmp_path / "run", "data.source=captions", "train.max_steps=2")
+    with pytest.raises(RuntimeError, match="no usable batch"):
+        train(cfg)
