@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmalign.chat.generate import Row, generate_rows
-from mmalign.chat.images import ImageError, ImagePolicy, load_image_url, set_pil_limit
+from mmalign.chat.images import ImageError, ImagePolicy, load_image_url
 from mmalign.model import num_image_tokens
 from mmalign.prompts import build_generation_prompt, get_template, user_with_image
 
@@ -232,7 +232,6 @@ def create_app(
     max_context: int | None = None,
 ) -> FastAPI:
     """The FastAPI app around one loaded model (see the module doc)."""
-    set_pil_limit(images.max_pixels)
     n_img = num_image_tokens(model.config)
     max_context = max_context or getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
     worker = BatchWorker(model, tokenizer, template, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s,

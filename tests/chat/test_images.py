@@ -7,11 +7,12 @@ import http.server
 import io
 import threading
 import time
+import urllib.request
 
 import pytest
 from PIL import Image
 
-from mmalign.chat.images import ImageError, ImagePolicy, decode_image, load_image_url
+from mmalign.chat.images import ImageError, ImagePolicy, _CheckedRedirects, check_remote_url, decode_image, load_image_url
 
 
 def png(size=(20, 10), mode="RGB") -> bytes:
@@ -74,6 +75,11 @@ class _Files(http.server.BaseHTTPRequestHandler):
     FILES = {"/ok.png": png(), "/big.png": png() + b"\0" * 50_000}
 
     def do_GET(self):  # noqa: N802
+        if self.path.startswith("/redirect?to="):
+            self.send_response(302)
+            self.send_header("Location", self.path.split("=", 1)[1])
+            self.end_headers()
+            return
         if self.path == "/slow.png":
             self.send_response(200)
             self.end_headers()
@@ -103,7 +109,7 @@ def files():
 
 
 def test_remote_fetch_only_when_allowed_and_limited(files):
-    allow = ImagePolicy(allow_remote=True, max_bytes=20_000, timeout_s=0.5)
+    allow = ImagePolicy(allow_remote=True, max_bytes=20_000, timeout_s=0.5, allow_private_hosts=True)
     with pytest.raises(ImageError):
         load_image_url(files + "/ok.png")  # refused by default
     assert load_image_url(files + "/ok.png", allow).size == (20, 10)
@@ -114,3 +120,46 @@ def test_remote_fetch_only_when_allowed_and_limited(files):
             load_image_url(files + path, allow)
         assert e.value.code == code, (path, e.value)
         assert time.monotonic() - t0 < 1.5
+
+
+def test_hosts_without_a_public_address_are_refused(files):
+    allow = ImagePolicy(allow_remote=True, timeout_s=0.5)  # public hosts only, the default
+    with pytest.raises(ImageError, match="not a public address") as e:
+        load_image_url(files + "/ok.png", allow)  # the local server is on loopback
+    assert e.value.code == "image_host_refused"
+    for url in ["http://localhost/x.png", "http://10.1.2.3/x.png", "http://169.254.169.254/latest",
+                "http://[::1]:8080/x.png", "http://[::ffff:192.168.0.1]/x.png", "http://0.0.0.0/x.png"]:  # fmt: skip
+        with pytest.raises(ImageError) as e:
+            check_remote_url(url, allow)
+        assert e.value.code == "image_host_refused", url
+    check_remote_url("http://8.8.8.8/x.png", allow)  # a public literal address passes (nothing is fetched)
+
+
+def test_every_redirect_hop_is_checked(files):
+    allow = ImagePolicy(allow_remote=True, timeout_s=0.5)
+    handler = _CheckedRedirects(allow)
+    req = urllib.request.Request("http://8.8.8.8/a.png")
+    for location, code in [("ftp://8.8.8.8/cat.png", "unsupported_image_url"),
+                           ("http://127.0.0.1/cat.png", "image_host_refused"),
+                           ("//10.0.0.1/cat.png", "image_host_refused")]:  # fmt: skip
+        with pytest.raises(ImageError) as e:
+            handler.redirect_request(req, None, 302, "Found", {}, location)
+        assert e.value.code == code, location
+    assert handler.redirect_request(req, None, 302, "Found", {}, "http://8.8.8.8/b.png").full_url.endswith("/b.png")
+    # through a real fetch: a redirect to ftp:// is refused even where private hosts are allowed,
+    # and an allowed redirect is followed
+    local = ImagePolicy(allow_remote=True, timeout_s=0.5, allow_private_hosts=True)
+    with pytest.raises(ImageError) as e:
+        load_image_url(files + "/redirect?to=ftp://127.0.0.1/ok.png", local)
+    assert e.value.code == "unsupported_image_url"
+    assert load_image_url(files + "/redirect?to=/ok.png", local).size == (20, 10)
+
+
+def test_pil_bomb_limit_is_not_changed_and_maps_to_image_too_large(monkeypatch):
+    before = Image.MAX_IMAGE_PIXELS
+    decode_image(png(), max_pixels=10**9)
+    assert Image.MAX_IMAGE_PIXELS == before  # no process-wide setting is touched
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL raises above twice its limit
+    with pytest.raises(ImageError) as e:
+        decode_image(png((20, 20)), max_pixels=10**9)
+    assert e.value.code == "image_too_large" and "decompression bomb" in str(e.value)
