@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     def model_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--model", required=True, help="exported folder or hub id")
         q.add_argument("--template", default=None, help="override the model's template")
-        q.add_argument("--dtype", default="float32")
+        q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
         q.add_argument("--device", default="cpu")
 
     c = sub.add_parser("chat", help="multi-turn terminal chat about an image")
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--data", default=None, help="the benchmark's file or folder in its published layout")
     e.add_argument("--images", default=None, help="image folder, when not where the layout puts it")
     e.add_argument("--template", default=None, help="override the model's template")
-    e.add_argument("--dtype", default="float32")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     e.add_argument("--device", default="cpu")
     e.add_argument("--n-scenes", type=int, default=200, help="toy: held-out scenes")
     e.add_argument("--limit", type=int, default=None, help="evaluate only this many items (images / questions)")
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("demo", help="web chat demo (Gradio): upload an image, chat, beams / temperature sliders")
     d.add_argument("--model", default=None, help="exported folder or hub id (default: the toy model)")
     d.add_argument("--template", default=None, help="override the model's template")
-    d.add_argument("--dtype", default="float32")
+    d.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     d.add_argument("--device", default="cpu")
     d.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
     d.add_argument("--port", type=int, default=7860)
@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     vl.add_argument("--vision", help="vision tower folder / hub id (default: config.json's mm_vision_tower)")
     for q in (vm, vl):
         q.add_argument("--out", required=True)
-        q.add_argument("--dtype", default="auto", help="auto (the LLM's) | float16 | bfloat16 | float32")
+        q.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                       help="auto: the LLM's")  # fmt: skip
         q.add_argument("--max-shard-size", default="5GB")
         q.add_argument("--template", help="chat template to record (default: the original's)")
         q.set_defaults(fn=_convert)

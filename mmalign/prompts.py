@@ -61,6 +61,7 @@ class Template:
 
     name: str
     system: str | None = None  # default system message; callers may override or pass None
+    train_system: bool = False  # the recipe trains and evaluates with `system` (LLaVA), not without (MiniGPT-4 stage 2)
     system_format: str = "{system}"
     no_system: str = ""
     system_in_first_user: bool = False
@@ -114,6 +115,7 @@ TEMPLATES: dict[str, Template] = {
         Template(
             name="vicuna_v1",
             system=VICUNA_SYSTEM,
+            train_system=True,
             system_format="{system} ",
             user_prefix="USER: ",
             assistant_prefix=" ASSISTANT:",
@@ -146,6 +148,13 @@ def get_template(name: str | Template) -> Template:
         return TEMPLATES[name]
     except KeyError:
         raise KeyError(f"unknown template {name!r}; known: {sorted(TEMPLATES)}") from None
+
+
+def training_system(template: str | Template) -> str | None:
+    """The system message a recipe trains with, and so evaluates with: LLaVA's for ``vicuna_v1``,
+    none for MiniGPT-4's stage 2 (whose demo adds one only for chatting)."""
+    t = get_template(template)
+    return t.system if t.train_system else None
 
 
 def user_with_image(template: str | Template, text: str) -> str:

@@ -252,3 +252,15 @@ def test_jinja_chat_template_renders_like_generation_prompt(tiny_tokenizer, name
     assert text == no_gen + get_template(name).assistant_prefix
     with pytest.raises(ValueError, match="caption format"):
         chat_template("plain")
+
+
+def test_training_system_is_llava_s_for_vicuna_v1_and_none_for_minigpt4(tiny_tokenizer):
+    from mmalign.data.sources import ConversationRecord, make_conversation_encoder
+    from mmalign.prompts import VICUNA_SYSTEM, training_system
+
+    assert training_system("vicuna_v1") == VICUNA_SYSTEM
+    assert training_system("minigpt4_v0") is None and training_system("llama2") is None
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
+    for name, has_system in (("vicuna_v1", True), ("minigpt4_v0", False)):
+        ids = make_conversation_encoder(tiny_tokenizer, name, 0)(ConversationRecord(image=None, turns=turns))["input_ids"]
+        assert ("A chat between" in tiny_tokenizer.decode(ids)) == has_system

@@ -297,14 +297,16 @@ def make_conversation_encoder(
     template: str | Template,
     num_image_tokens: int,
     *,
-    system: str | None = None,
+    system: str | None | object = prompts._DEFAULT,
     max_length: int | None = None,
     rng: random.Random | None = None,
 ) -> Callable[[Record], dict[str, Any]]:
     """Chat encode_fn. A CaptionRecord becomes one MiniGPT-4 stage-2 turn: a sampled
-    instruction (with the image marker) answered by its caption. ``system`` defaults to None
-    (MiniGPT-4 stage 2 trains without one)."""
+    instruction (with the image marker) answered by its caption. ``system`` defaults to the
+    recipe's (``prompts.training_system``: LLaVA's for vicuna_v1, none for MiniGPT-4 stage 2)."""
     t = get_template(template)
+    if system is prompts._DEFAULT:
+        system = prompts.training_system(t)
 
     def encode(rec: Record) -> dict[str, Any]:
         if isinstance(rec, CaptionRecord):

@@ -131,7 +131,7 @@ class MMAlignLMMS(_LMMSBase):
         decoding would produce exactly it. The continuation follows the template's assistant
         prefix, as an answer does."""
         from mmalign.model import num_image_tokens
-        from mmalign.prompts import build_generation_prompt, user_with_image
+        from mmalign.prompts import build_generation_prompt, get_template, training_system, user_with_image
 
         results = []
         n_img = num_image_tokens(self.model.config)
@@ -145,8 +145,10 @@ class MMAlignLMMS(_LMMSBase):
             image = self._visual(doc_to_visual, task, split, doc_id)
             q = self._question(context)
             turns = [{"role": "user", "content": user_with_image(self.template, q) if image is not None else q}]
-            prompt = build_generation_prompt(self.tokenizer, self.template, turns, n_img, system=None)
-            cont = self.tokenizer.encode(continuation, add_special_tokens=False)
+            prompt = build_generation_prompt(self.tokenizer, self.template, turns, n_img,
+                                             system=training_system(self.template))  # fmt: skip
+            # as trained: the template's answer prefix (vicuna_v1: " ") comes before the answer
+            cont = self.tokenizer.encode(get_template(self.template).answer_prefix + continuation, add_special_tokens=False)
             if not cont:
                 results.append((0.0, True))
                 continue

@@ -37,12 +37,16 @@ def build_prompt(question: str, hint: str | None, options: list[str]) -> str:
 
 def parse_choice(text: str, options: dict[str, str]) -> str | None:
     """The option letter an answer picks: a leading letter ("B", "B.", "(B) ..."), else exactly
-    one standalone letter among the options, else exactly one option's text; None otherwise."""
+    one standalone letter among the options ("A" / "I" before a lower-case word are the article
+    and the pronoun, as in "A dog"), else exactly one option's text; None otherwise."""
     t = text.strip()
-    m = re.match(r"^\(?([A-I])(?:[).:\s]|$)", t)
+    m = re.match(r"^\(?([A-I])(?:[).:]|\s*$)", t)
     if m and m[1] in options:
         return m[1]
-    letters = {x for x in re.findall(r"\b([A-I])\b", t) if x in options}
+    letters = {
+        m[1] for m in re.finditer(r"\b([A-I])\b", t)
+        if m[1] in options and not (m[1] in "AI" and re.match(r" [a-z]", t[m.end():]))
+    }  # fmt: skip
     if len(letters) == 1:
         return letters.pop()
     hits = [k for k, v in options.items() if v.strip() and v.strip().lower() in t.lower()]

@@ -101,15 +101,17 @@ def generate(
     batch_size: int,
     **gen: Any,
 ) -> list[str]:
-    """Greedy answers to (image, question) pairs, one user turn each, no system message
-    (as MiniGPT-4 stage 2 trains), left-padded batches."""
+    """Greedy answers to (image, question) pairs, one user turn each, with the system message
+    the recipe trains with (`training_system`: none for MiniGPT-4, LLaVA's for vicuna_v1),
+    left-padded batches."""
     from mmalign.chat.generate import generate_batch
-    from mmalign.prompts import user_with_image
+    from mmalign.prompts import training_system, user_with_image
 
     turns = [
         (im, [{"role": "user", "content": user_with_image(template, q) if im is not None else q}]) for im, q in items
     ]
-    return generate_batch(model, tokenizer, template, turns, image_transform, batch_size=batch_size, **gen)
+    return generate_batch(model, tokenizer, template, turns, image_transform, batch_size=batch_size,
+                          system=training_system(template), **gen)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

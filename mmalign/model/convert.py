@@ -442,6 +442,9 @@ def convert_minigpt4(
     ``vit_layers``: EVA blocks kept (MiniGPT-4 and BLIP-2 build 39 of eva_vit_g's 40).
     Template default: ``minigpt4_v0`` (Vicuna) / ``llama2``.
     """
+    for path in (projection, blip2, vit):  # a mistyped checkpoint file is not a hub id
+        if path is not None and str(path).endswith((".pth", ".pt", ".bin", ".safetensors")) and not Path(path).is_file():
+            raise ConversionError(f"{path}: no such file")
     hf_blip2 = blip2 is not None and not Path(blip2).is_file()
     if blip2 is None and vit is None:
         raise ConversionError("give the vision side: blip2 (Vicuna variant) or vit (Llama-2 variant)")

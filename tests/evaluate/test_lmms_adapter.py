@@ -71,9 +71,10 @@ def test_generate_until_matches_the_runner_and_keeps_order(adapter, tiny_model):
 
 
 def test_generate_until_cuts_at_until_and_refuses_sampling(adapter, monkeypatch):
-    monkeypatch.setattr(runner, "generate", lambda *a, **k: ["yes\n\nand more", "no. STOP here"][: len(a[3])])
+    answers = {DOCS[0]["q"]: "yes\n\nand more", "q": "no. STOP here"}  # one answer per question asked
+    monkeypatch.setattr(runner, "generate", lambda *a, **k: [answers[q] for _, q in a[3]])
     reqs = [gen_request(0), FakeInstance("generate_until", ("<image>\nq", {"until": "STOP"}, doc_to_visual, 1, "fake", "test"))]
-    assert adapter.generate_until(reqs) == ["yes", "yes\n\nand more"]  # second group: its own until
+    assert adapter.generate_until(reqs) == ["yes", "no."]  # each request cut at its own until
     with pytest.raises(ValueError, match="greedy only"):
         adapter.generate_until([gen_request(0, do_sample=True, temperature=0.7)])
 

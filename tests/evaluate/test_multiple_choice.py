@@ -15,7 +15,8 @@ OPTS = {"A": "a cat", "B": "a dog", "C": "a bird", "D": "a fish"}
 @pytest.mark.parametrize(
     "text, letter",
     [("B", "B"), ("B.", "B"), ("(C) a bird", "C"), ("D: a fish", "D"), ("The answer is A.", "A"), ("a dog", "B"),
-     ("It is a bird", "C"), ("E", None), ("a cat or a dog", None), ("no idea", None)],  # fmt: skip
+     ("It is a bird", "C"), ("E", None), ("a cat or a dog", None), ("no idea", None),
+     ("A dog", "B"), ("B is right", "B"), ("I think C", "C")],  # fmt: skip
 )
 def test_parse_choice(text, letter):
     assert parse_choice(text, OPTS) == letter

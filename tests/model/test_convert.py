@@ -546,3 +546,11 @@ def test_cli_convert(originals, tok, clip_dirs, tmp_path, capsys):
         main(args)  # a tiny EVA's head count cannot be guessed
     main([*args, "--vit-layers", "2", "--vit-heads", "2"])
     assert template_of(tmp_path / "m") == "llama2"
+
+
+def test_a_mistyped_checkpoint_file_is_named_not_taken_for_a_hub_id(tmp_path):
+    from mmalign.model.convert import ConversionError, convert_minigpt4
+
+    (tmp_path / "proj.pth").write_bytes(b"")
+    with pytest.raises(ConversionError, match="blip2_pretrained_flant5xxl.pth: no such file"):
+        convert_minigpt4(tmp_path / "proj.pth", "some/llm", tmp_path / "out", blip2=tmp_path / "blip2_pretrained_flant5xxl.pth")
