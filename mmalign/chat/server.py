@@ -14,6 +14,7 @@ Every error is a 4xx/5xx JSON body in OpenAI's shape
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import queue
@@ -28,7 +29,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -161,7 +162,7 @@ class BatchWorker:
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.batches: list[int] = []  # sizes of the batches run (for tests and /health)
+        self.batches: collections.deque[int] = collections.deque(maxlen=1000)  # the last batches' sizes (for tests)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mmalign-generate", daemon=True)
 
@@ -230,6 +231,7 @@ def create_app(
     max_queue: int = 256,
     default_max_tokens: int = 256,
     max_context: int | None = None,
+    max_images: int = 8,
 ) -> FastAPI:
     """The FastAPI app around one loaded model (see the module doc)."""
     n_img = num_image_tokens(model.config)
@@ -281,14 +283,23 @@ def create_app(
                            "model_not_found")  # fmt: skip
         if req.n != 1:
             raise APIError(400, "only n=1 is supported", "n")
-        prompt = await run_in_threadpool(build_prompt, req, tokenizer, template, n_img, images, system)
+        # cheap checks first: no image is fetched or decoded for a request that will be refused
         max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
-        if len(prompt.ids) + max_new > max_context:
-            raise APIError(400, f"prompt ({len(prompt.ids)} tokens) + max_tokens ({max_new}) is over the model's "
-                           f"context of {max_context} tokens", "messages", "context_length_exceeded")  # fmt: skip
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if any(not s for s in stops) or len(stops) > 4:
             raise APIError(400, "stop: up to 4 non-empty strings", "stop")
+        n_images = sum(isinstance(p, ImagePart) for m in req.messages if isinstance(m.content, list) for p in m.content)
+        if n_images > max_images:
+            raise APIError(400, f"{n_images} images in one request, over the limit of {max_images}", "messages",
+                           "too_many_images")  # fmt: skip
+        if n_images * n_img + max_new > max_context:
+            raise APIError(400, f"{n_images} images ({n_images * n_img} tokens) + max_tokens ({max_new}) are over "
+                           f"the model's context of {max_context} tokens", "messages",
+                           "context_length_exceeded")  # fmt: skip
+        prompt = await run_in_threadpool(build_prompt, req, tokenizer, template, n_img, images, system)
+        if len(prompt.ids) + max_new > max_context:
+            raise APIError(400, f"prompt ({len(prompt.ids)} tokens) + max_tokens ({max_new}) is over the model's "
+                           f"context of {max_context} tokens", "messages", "context_length_exceeded")  # fmt: skip
         pixels = await run_in_threadpool(lambda: [image_transform(im) for im in prompt.images])
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
@@ -298,12 +309,20 @@ def create_app(
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
             return StreamingResponse(_sse(meta, events, row), media_type="text/event-stream")
-        text = []
+        text, gone = [], asyncio.ensure_future(_disconnect(request))
         try:
-            while (ev := await events.get())[0] == "text":
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():  # the client went away: nobody reads the answer
+                    getter.cancel()
+                    return Response(status_code=499)
+                if (ev := getter.result())[0] != "text":
+                    break
                 text.append(ev[1])
         finally:
-            row.cancelled.set()  # a client that went away stops its row
+            row.cancelled.set()  # ends the row's generation if it is still running
+            gone.cancel()
         if ev[0] == "error":
             raise APIError(500, f"generation failed: {ev[1]}", None, "generation_failed", "server_error")
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
@@ -313,6 +332,13 @@ def create_app(
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
 
     return app
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns once the client has disconnected (checked every 0.2 s), so a non-streamed
+    request also stops its row when its client goes away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.2)
 
 
 async def _sse(meta: dict[str, Any], events: asyncio.Queue, row: Row):

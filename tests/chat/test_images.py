@@ -12,7 +12,8 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from mmalign.chat.images import ImageError, ImagePolicy, _CheckedRedirects, check_remote_url, decode_image, load_image_url
+from mmalign.chat.images import (ImageError, ImagePolicy, _CheckedRedirects, check_remote_url, decode_image,
+                                 load_image_url)
 
 
 def png(size=(20, 10), mode="RGB") -> bytes:

@@ -174,7 +174,7 @@ def test_concurrent_streams_get_the_answers_they_get_alone(server):
         together = list(pool.map(lambda m: ask_stream(server, m)[0], messages))
     assert together == alone
     assert len(set(alone)) > 2  # prompt-dependent answers were compared
-    assert max(server.app.state.worker.batches[before:]) > 1  # they really were batched
+    assert max(list(server.app.state.worker.batches)[before:]) > 1  # they really were batched
 
 
 ERROR_CASES = [
@@ -216,6 +216,64 @@ def test_bad_requests_get_4xx_in_openai_shape(server, body, status, param):
     assert set(out["error"]) == {"message", "type", "param", "code"} and out["error"]["message"]
     assert out["error"]["param"] == param
     assert server.get("/health")[0] == 200
+
+
+def test_cheap_checks_come_before_any_image_is_decoded(server, monkeypatch):
+    """stop, the image count and the images' share of the context are checked first: a refused
+    request never fetches or decodes an image (here: load_image_url would fail the test)."""
+    import mmalign.chat.server as server_module
+
+    def no_decoding(*a, **k):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(server_module, "load_image_url", no_decoding)
+    pic = {"type": "image_url", "image_url": {"url": data_url(colour((1, 2, 3)))}}
+    cases = [({"stop": ["", "x"]}, [pic], "stop", None),
+             ({}, [pic] * 9, "messages", "too_many_images"),
+             ({"max_tokens": 500}, [pic] * 8, "messages", "context_length_exceeded")]  # fmt: skip
+    for extra, pics, param, code in cases:
+        msg = {"role": "user", "content": [{"type": "text", "text": "hi"}, *pics]}
+        status, body = server.post("/v1/chat/completions", {"model": "toy", "messages": [msg], **extra})
+        assert status == 400 and body["error"]["param"] == param, body
+        assert code is None or body["error"]["code"] == code, body
+        if code == "context_length_exceeded":
+            assert "8 images" in body["error"]["message"], body  # refused on the image count, before decoding
+
+
+def test_a_non_streaming_client_that_goes_away_stops_its_row(server, toy, monkeypatch):
+    """Without polling for the disconnect, the row would run all its 200 tokens (>= 6 s here)."""
+    model, tok = toy
+    worker = server.app.state.worker
+    jobs, submit = [], worker.submit
+    monkeypatch.setattr(worker, "submit", lambda job: (jobs.append(job), submit(job))[1])
+    token = tok.encode(" a", add_special_tokens=False)[-1]
+
+    def slow_and_endless(module, args, out):  # every step 30 ms, never a stop token
+        time.sleep(0.03)
+        forced = torch.full_like(out, -1e4)
+        forced[..., token] = 0
+        return forced
+
+    hook = model.get_output_embeddings().register_forward_hook(slow_and_endless)
+    try:
+        body = json.dumps({"model": "toy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
+                           "temperature": 0}).encode()  # fmt: skip
+        with socket.create_connection(("127.0.0.1", server.port)) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+            deadline = time.monotonic() + 30
+            while not (jobs and len(jobs[0].row.token_ids) >= 3):
+                assert time.monotonic() < deadline, "generation did not start"
+                time.sleep(0.02)
+        deadline = time.monotonic() + 30
+        while jobs[0].row.finish_reason is None:
+            assert time.monotonic() < deadline, "the row did not end"
+            time.sleep(0.02)
+    finally:
+        hook.remove()
+    assert jobs[0].row.finish_reason == "cancelled", (len(jobs[0].row.token_ids), jobs[0].row.text[:80])
+    assert len(jobs[0].row.token_ids) < 100
+    assert ask(server, [user("What is this?")], max_tokens=2).choices  # still serving
 
 
 def test_openai_client_sees_the_error(server):
