@@ -18,13 +18,23 @@ from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
-from transformers import DynamicCache, TextIteratorStreamer
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from mmalign.chat.generate import CACHE_KWARG, cut_at_stop, generation_kwargs, model_generate, stop_prefix_len
 from mmalign.model import check_image_tokens, num_image_tokens
 from mmalign.prompts import encode_user_turn, get_template, user_with_image
 
 _DEFAULT: Any = object()
+
+
+class _UntilSet(StoppingCriteria):
+    """Stops every row once `event` is set (the streamed answer was abandoned)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ChatSession:
@@ -75,11 +85,12 @@ class ChatSession:
         n_img = num_image_tokens(self.model.config)
         new = encode_user_turn(self.tokenizer, self.template, content, n_img, first=not self.ids, system=self.system)
         ids = self.ids + new
-        if len(ids) > self.max_context:
-            raise ValueError(f"conversation is {len(ids)} tokens, over max_context={self.max_context}: /reset")
+        kwargs = generation_kwargs(self.tokenizer, self.template, **gen)
+        if len(ids) + kwargs["max_new_tokens"] > self.max_context:  # room for the answer too, as MiniGPT-4's demo
+            raise ValueError(f"conversation is {len(ids)} tokens + max_new_tokens={kwargs['max_new_tokens']}, over "
+                             f"max_context={self.max_context}: /reset")  # fmt: skip
         check_image_tokens(torch.tensor(ids), len(self.images), self.model.config)
         self.turns.append({"role": "user", "content": content})
-        kwargs = generation_kwargs(self.tokenizer, self.template, **gen)
         answer, shown, out = "", 0, []
         pieces = self._generate(ids, kwargs, out)
         try:
@@ -129,10 +140,12 @@ class ChatSession:
             return
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
+        abandoned = threading.Event()  # set when the consumer stops reading: generate ends at the next step
+        criteria = StoppingCriteriaList([*kwargs.pop("stopping_criteria", []), _UntilSet(abandoned)])
 
         def run() -> None:
             try:
-                seq = model_generate(self.model, **inputs, **kwargs, streamer=streamer)
+                seq = model_generate(self.model, **inputs, **kwargs, streamer=streamer, stopping_criteria=criteria)
                 if seq is not None:
                     out.append(seq[0].tolist())
             except BaseException as e:
@@ -144,6 +157,7 @@ class ChatSession:
         try:
             yield from streamer
         finally:
+            abandoned.set()  # a no-op once generate has returned
             worker.join()
         if errors:
             raise errors[0]

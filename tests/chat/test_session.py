@@ -11,9 +11,8 @@ from PIL import Image
 import mmalign.chat.session as session_mod
 from mmalign.chat.generate import generate_batch
 from mmalign.chat.session import ChatSession
-from mmalign.prompts import cut_at_stop, stop_prefix_len
 from mmalign.model import build_model, image_transform_for, num_image_tokens
-from mmalign.prompts import get_template
+from mmalign.prompts import cut_at_stop, encode_user_turn, get_template, stop_prefix_len, user_with_image
 from mmalign.recipes import get_recipe
 
 TEMPLATE = "minigpt4_v0"
@@ -129,6 +128,45 @@ def test_over_long_conversation_raises_and_keeps_the_turns(tiny):
     with pytest.raises(ValueError, match="max_context"):
         list(s.ask("Describe this image in detail."))
     assert s.turns == []
+
+
+def test_max_context_leaves_room_for_the_answer(tiny):
+    model, tok = tiny
+    t = get_template(TEMPLATE)
+    prompt = encode_user_turn(tok, t, user_with_image(t, "Hi."), num_image_tokens(model.config), first=True,
+                              system=t.system)  # fmt: skip
+    s = ChatSession(model, tok, TEMPLATE, image_transform_for(model), max_context=len(prompt) + 4)
+    s.set_image(red())
+    with pytest.raises(ValueError, match="max_new_tokens=5, over max_context"):  # the prompt alone fits
+        list(s.ask("Hi.", max_new_tokens=5))
+    assert s.turns == []
+    list(s.ask("Hi.", max_new_tokens=4))
+    assert [t["role"] for t in s.turns] == ["user", "assistant"]
+
+
+def test_an_abandoned_stream_stops_generating(tiny):
+    """Closing ask() early ends generate at its next step, not after max_new_tokens."""
+    model, tok = tiny
+    token = tok.encode(" a", add_special_tokens=False)[-1]
+    steps = []
+
+    def endless(module, args, out):  # never a stop token, so only max_new_tokens would end it
+        steps.append(1)
+        forced = torch.full_like(out, -1e4)
+        forced[..., token] = 0
+        return forced
+
+    hook = model.get_output_embeddings().register_forward_hook(endless)
+    try:
+        s = ChatSession(model, tok, TEMPLATE, image_transform_for(model), max_context=10_000)
+        s.set_image(red())
+        answer = s.ask("Describe it.", max_new_tokens=400)
+        assert next(answer).strip()
+        answer.close()  # joins the generating thread
+    finally:
+        hook.remove()
+    assert len(steps) < 100
+    assert s.turns == []  # no answer joined the conversation
 
 
 class ScriptedStreamer:
