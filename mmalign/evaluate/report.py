@@ -47,10 +47,6 @@ def table(by_model: dict[str, dict[str, Any]], rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def toy_table(by_stage: dict[str, dict[str, Any]]) -> str:
-    return table(by_stage, ROWS)
-
-
 def _chart(by_model: dict[str, dict[str, Any]], rows: list[Row], path: Path, title: str) -> None:
     """Grouped bars, one group per row: rates (shown as % or 0.xxx) on a 0-1 axis; tables of
     other numbers (e.g. MME scores) on their own axis."""

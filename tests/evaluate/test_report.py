@@ -1,4 +1,4 @@
-from mmalign.evaluate.report import ROWS, toy_table, write_toy_report
+from mmalign.evaluate.report import ROWS, table, write_toy_report
 
 STAGE1 = {
     "n_scenes": 16,
@@ -71,8 +71,8 @@ def test_report_without_minutes_and_single_stage(tmp_path):
 
 
 def test_toy_table_header_and_separator():
-    table = toy_table({"a": STAGE1, "b": STAGE2, "c": {}})
-    lines = table.splitlines()
+    text = table({"a": STAGE1, "b": STAGE2, "c": {}}, ROWS)
+    lines = text.splitlines()
     assert lines[0] == "| metric | a | b | c |"
     assert lines[1] == "|---|---|---|---|"
-    assert rows_of(table)["colour accuracy"] == ["50.0%", "87.5%", "-"]
+    assert rows_of(text)["colour accuracy"] == ["50.0%", "87.5%", "-"]
