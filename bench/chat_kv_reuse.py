@@ -29,13 +29,24 @@ from mmalign.recipes import get_recipe
 
 NO_STOP = dataclasses.replace(get_template("minigpt4_v0"), stop=("<never said>",))
 
-QUESTIONS = ["Describe this image in detail.", "How many shapes are there?", "What color is the circle?",
-             "Is there a square in the image?", "What is at the top left?"]  # fmt: skip
+QUESTIONS = [
+    "Describe this image in detail.",
+    "How many shapes are there?",
+    "What color is the circle?",
+    "Is there a square in the image?",
+    "What is at the top left?",
+]
 
 
 def conversation(model, tok, kv_reuse: bool, turns: int, new_tokens: int) -> tuple[list[tuple[float, float]], int]:
-    session = ChatSession(model, tok, NO_STOP, image_transform_for(model), kv_reuse=kv_reuse,
-                          max_context=model.config.text_config.max_position_embeddings)  # fmt: skip
+    session = ChatSession(
+        model,
+        tok,
+        NO_STOP,
+        image_transform_for(model),
+        kv_reuse=kv_reuse,
+        max_context=model.config.text_config.max_position_embeddings,
+    )
     session.set_image(toyworld.render(toyworld.make_scene(7)))
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     times = []
@@ -61,19 +72,27 @@ def main() -> None:
         for reuse in (True, False):
             times, n_ids = conversation(model, tok, reuse, a.turns, a.new_tokens)
             runs[reuse].append(times)
-    print(f"toy-minigpt4, CPU, {torch.get_num_threads()} thread(s); {a.turns} turns x {a.new_tokens} new tokens; "
-          f"final context {n_ids} tokens; best of {a.repeats} conversations\n")  # fmt: skip
-    print(f"| mode | turn 1 CPU ms | turn {a.turns} CPU ms | ratio (CPU) | turn 1 wall ms | turn {a.turns} wall ms "
-          "| ratio (wall) |")  # fmt: skip
+    print(
+        f"toy-minigpt4, CPU, {torch.get_num_threads()} thread(s); {a.turns} turns x {a.new_tokens} new tokens; "
+        f"final context {n_ids} tokens; best of {a.repeats} conversations\n"
+    )
+    print(
+        f"| mode | turn 1 CPU ms | turn {a.turns} CPU ms | ratio (CPU) | turn 1 wall ms | turn {a.turns} wall ms "
+        "| ratio (wall) |"
+    )
     print("|---|---|---|---|---|---|---|")
     ratio = {}
     for reuse, name in ((True, "KV cache reused"), (False, "re-encode everything (baseline)")):
         best = [[min(r[i][k] for r in runs[reuse]) for i in range(a.turns)] for k in (0, 1)]  # [cpu|wall][turn]
         ratio[reuse] = best[0][-1] / best[0][0]
-        print(f"| {name} | {best[0][0] * 1e3:.1f} | {best[0][-1] * 1e3:.1f} | {ratio[reuse]:.2f} | "
-              f"{best[1][0] * 1e3:.1f} | {best[1][-1] * 1e3:.1f} | {best[1][-1] / best[1][0]:.2f} |")
-    print(f"\ntarget turn {a.turns} <= 1.2 x turn 1 with reuse (CPU time): "
-          f"{'MET' if ratio[True] <= 1.2 else 'NOT MET'} ({ratio[True]:.2f}; baseline {ratio[False]:.2f})")
+        print(
+            f"| {name} | {best[0][0] * 1e3:.1f} | {best[0][-1] * 1e3:.1f} | {ratio[reuse]:.2f} | "
+            f"{best[1][0] * 1e3:.1f} | {best[1][-1] * 1e3:.1f} | {best[1][-1] / best[1][0]:.2f} |"
+        )
+    print(
+        f"\ntarget turn {a.turns} <= 1.2 x turn 1 with reuse (CPU time): "
+        f"{'MET' if ratio[True] <= 1.2 else 'NOT MET'} ({ratio[True]:.2f}; baseline {ratio[False]:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -39,15 +39,19 @@ def load(model_dir: str | None):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="exported toy model folder (default: toy recipe, untrained projection)")
+    p.add_argument(
+        "--model", default=None, help="exported toy model folder (default: toy recipe, untrained projection)"
+    )
     p.add_argument("--scenes", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=64)
     a = p.parse_args()
     model, tok, template = load(a.model)
     transform = image_transform_for(model)
     samples = toy_samples(n_scenes=a.scenes)
-    print(f"{len(samples)} prompts ({sum(s.max_new_tokens == 8 for s in samples)} questions, "
-          f"{sum(s.max_new_tokens == 120 for s in samples)} descriptions), torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"{len(samples)} prompts ({sum(s.max_new_tokens == 8 for s in samples)} questions, "
+        f"{sum(s.max_new_tokens == 120 for s in samples)} descriptions), torch threads {torch.get_num_threads()}"
+    )
     with tempfile.TemporaryDirectory() as out:  # untimed warm-up: one-time costs land on neither side
         run_task(TASK, samples[:4], out, model, tok, template, transform, batch_size=2, progress=False)
     times, preds = {}, {}

@@ -26,8 +26,12 @@ from mmalign.prompts import build_generation_prompt, user_with_image
 from mmalign.recipes import get_recipe, with_backbones
 
 TEMPLATE = "minigpt4_v0"
-QUESTIONS = ["Describe this image in detail.", "How many shapes are there?", "What color is the circle?",
-             "Is there a square in the image?"]  # fmt: skip
+QUESTIONS = [
+    "Describe this image in detail.",
+    "How many shapes are there?",
+    "What color is the circle?",
+    "Is there a square in the image?",
+]
 
 
 def prompts(model, tok, n: int):
@@ -48,7 +52,9 @@ def measure(folder: str, n_prompts: int, new_tokens: int) -> list[dict]:
     vocab = ref.config.get_text_config().vocab_size
     greedy = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     seqs = [ref.generate(input_ids=ids, pixel_values=px, **greedy) for ids, px in cases]
-    ref_logits = [ref(input_ids=s, pixel_values=px).logits[0, ids.shape[1] - 1 : -1] for s, (ids, px) in zip(seqs, cases)]
+    ref_logits = [
+        ref(input_ids=s, pixel_values=px).logits[0, ids.shape[1] - 1 : -1] for s, (ids, px) in zip(seqs, cases)
+    ]
     rows = [{"variant": "float32", "bytes": weight_bytes(ref), "top1": 1.0, "dlogit": 0.0, "same": len(cases)}]
     del ref
     for load_in in ("8bit", "4bit"):
@@ -63,8 +69,9 @@ def measure(folder: str, n_prompts: int, new_tokens: int) -> list[dict]:
             top1.append((ql[:, :vocab].argmax(-1) == rl[:, :vocab].argmax(-1)).float().mean().item())
             dmax = max(dmax, ((ql - rl).abs().max() / rl.std()).item())
             same += int(torch.equal(q.generate(input_ids=ids, pixel_values=px, **greedy), s))
-        rows.append({"variant": load_in, "bytes": weight_bytes(q), "top1": sum(top1) / len(top1), "dlogit": dmax,
-                     "same": same})  # fmt: skip
+        rows.append(
+            {"variant": load_in, "bytes": weight_bytes(q), "top1": sum(top1) / len(top1), "dlogit": dmax, "same": same}
+        )
         del q
     return rows
 
@@ -77,18 +84,30 @@ def main() -> None:
     n, new = (4, 8) if a.quick else (8, 24)
     models = {"toy": get_recipe("toy-minigpt4")}
     if not a.quick:
-        llama = dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                     num_attention_heads=12, num_key_value_heads=12, vocab_size=32000, max_position_embeddings=1024,
-                     tie_word_embeddings=False, initializer_range=0.02)  # fmt: skip
+        llama = dict(
+            model_type="llama",
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+            vocab_size=32000,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+            initializer_range=0.02,
+        )
         toy = get_recipe("toy-minigpt4")
         spec = with_backbones(toy).spec
         import dataclasses
 
-        models["random-llama"] = dataclasses.replace(toy, spec=dataclasses.replace(spec, llm=llama,
-                                                     tokenizer=str(get_recipe("toy-minigpt4").spec.llm)))  # fmt: skip
+        models["random-llama"] = dataclasses.replace(
+            toy, spec=dataclasses.replace(spec, llm=llama, tokenizer=str(get_recipe("toy-minigpt4").spec.llm))
+        )
     print(f"{n} prompts x {new} greedy tokens; CPU; weights = parameters + buffers\n")
-    print("| model | params | variant | weight MB | x smaller | teacher-forced top-1 agree | max abs dlogit / std "
-          "| identical greedy continuations |")  # fmt: skip
+    print(
+        "| model | params | variant | weight MB | x smaller | teacher-forced top-1 agree | max abs dlogit / std "
+        "| identical greedy continuations |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, recipe in models.items():
         model, tok = build_model(recipe.spec)
@@ -102,8 +121,11 @@ def main() -> None:
             if "error" in r:
                 print(f"| {name} | {params / 1e6:.1f}M | {r['variant']} | n/a: {r['error']} | | | | |")
                 continue
-            print(f"| {name} | {params / 1e6:.1f}M | {r['variant']} | {r['bytes'] / 2**20:.1f} | "
-                  f"{full / r['bytes']:.2f} | {r['top1']:.3f} | {r['dlogit']:.3f} | {r['same']}/{n} |", flush=True)
+            print(
+                f"| {name} | {params / 1e6:.1f}M | {r['variant']} | {r['bytes'] / 2**20:.1f} | "
+                f"{full / r['bytes']:.2f} | {r['top1']:.3f} | {r['dlogit']:.3f} | {r['same']}/{n} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,14 @@ def _chat(a: argparse.Namespace) -> None:
 
     model, tokenizer = load_model(a.model, dtype=a.dtype, device=a.device, load_in=a.load_in)
     session = ChatSession(model, tokenizer, a.template or template_of(a.model), image_transform_for(model))
-    gen = {"num_beams": a.num_beams, "do_sample": a.temperature > 0, "temperature": a.temperature or None,
-           "top_p": a.top_p, "repetition_penalty": a.repetition_penalty, "max_new_tokens": a.max_new_tokens}  # fmt: skip
+    gen = {
+        "num_beams": a.num_beams,
+        "do_sample": a.temperature > 0,
+        "temperature": a.temperature or None,
+        "top_p": a.top_p,
+        "repetition_penalty": a.repetition_penalty,
+        "max_new_tokens": a.max_new_tokens,
+    }
     if a.image:
         session.set_image(Image.open(a.image))
 
@@ -78,9 +84,20 @@ def _eval(a: argparse.Namespace) -> None:
 
     options = {"limit": a.limit, "seed": a.seed, "split": a.split, "n_scenes": a.n_scenes}
     try:
-        results = evaluate(a.task, parse_models(a.model), a.out, data=a.data, images=a.images, options=options,
-                           batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, template=a.template,
-                           dtype=a.dtype, device=a.device, rescore=a.rescore)  # fmt: skip
+        results = evaluate(
+            a.task,
+            parse_models(a.model),
+            a.out,
+            data=a.data,
+            images=a.images,
+            options=options,
+            batch_size=a.batch_size,
+            max_new_tokens=a.max_new_tokens,
+            template=a.template,
+            dtype=a.dtype,
+            device=a.device,
+            rescore=a.rescore,
+        )
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"mmalign eval: error: {e.args[0] if e.args else e}") from None
     print(json.dumps(results[next(iter(results))] if len(results) == 1 else results, indent=1))
@@ -114,8 +131,18 @@ def _demo(a: argparse.Namespace) -> None:
 def _serve(a: argparse.Namespace) -> None:
     from mmalign.chat.server import serve
 
-    serve(a.model, host=a.host, port=a.port, template=a.template, dtype=a.dtype, device=a.device, load_in=a.load_in,
-          model_name=a.served_name, allow_remote_images=a.allow_remote_images, max_batch_size=a.max_batch_size)  # fmt: skip
+    serve(
+        a.model,
+        host=a.host,
+        port=a.port,
+        template=a.template,
+        dtype=a.dtype,
+        device=a.device,
+        load_in=a.load_in,
+        model_name=a.served_name,
+        allow_remote_images=a.allow_remote_images,
+        max_batch_size=a.max_batch_size,
+    )
 
 
 def _convert(a: argparse.Namespace) -> None:
@@ -127,9 +154,18 @@ def _convert(a: argparse.Namespace) -> None:
     common = dict(dtype=dtype, max_shard_size=a.max_shard_size, **({"template": a.template} if a.template else {}))
     try:
         if a.source == "minigpt4":
-            out = convert_minigpt4(a.projection, a.llm, a.out, blip2=a.blip2, vit=a.vit, vit_layers=a.vit_layers,
-                                   vit_heads=a.vit_heads, qformer_heads=a.qformer_heads,
-                                   allow_pickle=a.trust_pickle, **common)  # fmt: skip
+            out = convert_minigpt4(
+                a.projection,
+                a.llm,
+                a.out,
+                blip2=a.blip2,
+                vit=a.vit,
+                vit_layers=a.vit_layers,
+                vit_heads=a.vit_heads,
+                qformer_heads=a.qformer_heads,
+                allow_pickle=a.trust_pickle,
+                **common,
+            )
         else:
             out = convert_llava(a.checkpoint, a.out, vision=a.vision, **common)
     except ConversionError as e:
@@ -184,10 +220,17 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--max-batch-size", type=int, default=16, help="requests generated together in one batch")
     v.set_defaults(fn=_serve)
 
-    e = sub.add_parser("eval", help="evaluate on a benchmark (toy, chair, pope, vqav2, gqa, vizwiz, textvqa, mme, "
-                                     "mmbench): predictions JSONL (resumable) + report.md / report.png")  # fmt: skip
-    e.add_argument("--model", required=True, action="append",
-                   help="exported folder or hub id, or NAME=PATH; repeat to compare models in one report")  # fmt: skip
+    e = sub.add_parser(
+        "eval",
+        help="evaluate on a benchmark (toy, chair, pope, vqav2, gqa, vizwiz, textvqa, mme, "
+        "mmbench): predictions JSONL (resumable) + report.md / report.png",
+    )
+    e.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="exported folder or hub id, or NAME=PATH; repeat to compare models in one report",
+    )
     e.add_argument("--task", default="toy", help="benchmark (default: toy, the embedded world; needs no --data)")
     e.add_argument("--data", default=None, help="the benchmark's file or folder in its published layout")
     e.add_argument("--images", default=None, help="image folder, when not where the layout puts it")
@@ -221,7 +264,6 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
     d.set_defaults(fn=_demo)
 
-
     v = sub.add_parser("convert", help="convert published MiniGPT-4 / LLaVA-1.5 / ShareGPT4V weights (docs/convert.md)")
     vs = v.add_subparsers(dest="source", required=True)
     vm = vs.add_parser("minigpt4", help="MiniGPT-4 stage-2 .pth + BLIP-2 / EVA weights + LLM folder")
@@ -238,8 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     vl.add_argument("--vision", help="vision tower folder / hub id (default: config.json's mm_vision_tower)")
     for q in (vm, vl):
         q.add_argument("--out", required=True)
-        q.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
-                       help="auto: the LLM's")  # fmt: skip
+        q.add_argument(
+            "--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="auto: the LLM's"
+        )
         q.add_argument("--max-shard-size", default="5GB")
         q.add_argument("--template", help="chat template to record (default: the original's)")
         q.set_defaults(fn=_convert)

@@ -12,13 +12,12 @@ separately.
 from __future__ import annotations
 
 import dataclasses
-
-
 import json
 import random
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 IMAGE_TOKEN = "<image>"
 """The single special token that image features replace (``config.image_token_index``)."""
@@ -245,16 +244,13 @@ def _check_turns(turns: Sequence[Mapping[str, str]]) -> None:
         want = "user" if i % 2 == 0 else "assistant"
         if turn.get("role") != want:
             raise ValueError(
-                f"turn {i} has role {turn.get('role')!r}, expected {want!r} "
-                "(turns must alternate user, assistant, ...)"
+                f"turn {i} has role {turn.get('role')!r}, expected {want!r} (turns must alternate user, assistant, ...)"
             )
         if not isinstance(turn.get("content"), str):
             raise ValueError(f"turn {i} has no string 'content'")
 
 
-def _segments(
-    t: Template, turns: Sequence[Mapping[str, str]], system: str | None
-) -> list[tuple[str, bool]]:
+def _segments(t: Template, turns: Sequence[Mapping[str, str]], system: str | None) -> list[tuple[str, bool]]:
     """(text, learned) pieces; consecutive prompt text merged so train and chat tokenize alike."""
     segs: list[tuple[str, bool]] = []
     sys_text = t.no_system if system is None else t.system_format.format(system=system)
@@ -262,9 +258,7 @@ def _segments(
     for i, turn in enumerate(turns):
         if turn["role"] == "user":
             if i == 0:
-                prompt += (
-                    t.user_prefix + sys_text if t.system_in_first_user else sys_text + t.user_prefix
-                )
+                prompt += t.user_prefix + sys_text if t.system_in_first_user else sys_text + t.user_prefix
             else:
                 prompt += t.turn_sep + t.user_prefix
             prompt += turn["content"] + t.assistant_prefix
@@ -463,9 +457,7 @@ def chat_template(template: str | Template) -> str:
         " | map(attribute='text') | join('') -%}{%- endif -%}"
         "{%- set s = " + q(sys_pre) + " + c + " + q(sys_post) + " -%}"
         "{%- set turns = messages[1:] -%}"
-        "{%- endif -%}"
-        + ("{{- bos_token -}}" if t.add_bos else "")
-        + "{%- for m in turns -%}"
+        "{%- endif -%}" + ("{{- bos_token -}}" if t.add_bos else "") + "{%- for m in turns -%}"
         "{%- if m['role'] == 'user' -%}"
         "{%- if loop.first -%}{{- " + first_user + " -}}{%- else -%}{{- " + q(t.turn_sep) + " + u -}}{%- endif -%}"
         "{%- if m['content'] is string -%}{{- m['content'] -}}{%- else -%}"

@@ -49,9 +49,13 @@ RECIPES: dict[str, Recipe] = {
             "minigpt4-llama2-7b",
             # No Q-Former: ViT-g patch tokens (CLS dropped), 4 consecutive tokens concatenated, Linear 5632 -> 4096.
             ModelSpec(
-                arch="minigpt4_patch", vision="Salesforce/blip2-flan-t5-xxl", llm="meta-llama/Llama-2-7b-chat-hf",
-                merge_tokens=4, patch_merge="sequential", vision_feature_layer="auto",  # ln_vision output
-            ),  # fmt: skip
+                arch="minigpt4_patch",
+                vision="Salesforce/blip2-flan-t5-xxl",
+                llm="meta-llama/Llama-2-7b-chat-hf",
+                merge_tokens=4,
+                patch_merge="sequential",
+                vision_feature_layer="auto",  # ln_vision output
+            ),
             "llama2",
             "minigpt4_caption",
             {"stage1": "projector", "stage2": "projector"},
@@ -60,9 +64,12 @@ RECIPES: dict[str, Recipe] = {
             "sharegpt4v-7b",
             # LLaVA-1.5 architecture: CLIP ViT-L/14-336 (layer -2, CLS dropped), mlp2x_gelu, Vicuna-7B v1.5.
             ModelSpec(
-                arch="llava", vision="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5",
-                vision_feature_layer=-2, projector_hidden_act="gelu",
-            ),  # fmt: skip
+                arch="llava",
+                vision="openai/clip-vit-large-patch14-336",
+                llm="lmsys/vicuna-7b-v1.5",
+                vision_feature_layer=-2,
+                projector_hidden_act="gelu",
+            ),
             "vicuna_v1",
             "plain",
             {"stage1": "projector+llm+vision_late_half", "stage2": "projector+llm"},
@@ -72,9 +79,13 @@ RECIPES: dict[str, Recipe] = {
             # The embedded default: the MiniGPT-4 (Llama-2 variant) method on the shipped toy backbones,
             # 2 x 2 neighbouring patch tokens joined (one token per grid cell of the toy world).
             ModelSpec(
-                arch="minigpt4_patch", vision=str(TOY_ASSETS / "vision"), llm=str(TOY_ASSETS / "llm"),
-                merge_tokens=4, patch_merge="grid", vision_feature_layer="auto",
-            ),  # fmt: skip
+                arch="minigpt4_patch",
+                vision=str(TOY_ASSETS / "vision"),
+                llm=str(TOY_ASSETS / "llm"),
+                merge_tokens=4,
+                patch_merge="grid",
+                vision_feature_layer="auto",
+            ),
             "minigpt4_v0",
             "minigpt4_caption",
             {"stage1": "projector", "stage2": "projector"},
@@ -82,9 +93,12 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "toy-llava",
             ModelSpec(
-                arch="llava", vision=str(TOY_ASSETS / "vision"), llm=str(TOY_ASSETS / "llm"),
-                vision_feature_layer=-2, projector_hidden_act="gelu",
-            ),  # fmt: skip
+                arch="llava",
+                vision=str(TOY_ASSETS / "vision"),
+                llm=str(TOY_ASSETS / "llm"),
+                vision_feature_layer=-2,
+                projector_hidden_act="gelu",
+            ),
             "minigpt4_v0",
             "plain",
             {"stage1": "projector", "stage2": "projector+llm"},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -56,8 +56,13 @@ def make_tiny_tokenizer() -> Callable[..., PreTrainedTokenizerFast]:
 
 
 TINY_VISION = dict(  # 32 px / patch 8 -> 4x4 = 16 patches (+ CLS); 4 layers so "later half" = 2, 3
-    hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-    image_size=32, patch_size=8, initializer_range=0.02,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    initializer_range=0.02,
 )
 
 
@@ -67,16 +72,28 @@ def build_tiny_spec(arch: str, tokenizer=None, **overrides):
 
     tok = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     llm = dict(
-        model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-        max_position_embeddings=256, initializer_range=0.05,
+        model_type="llama",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        initializer_range=0.05,
     )
     vision_type = "clip_vision_model" if arch == "llava" else "blip_2_vision_model"
     kwargs = dict(arch=arch, llm=llm, vision=dict(model_type=vision_type, **TINY_VISION), tokenizer=tok)
     if arch == "minigpt4":
         kwargs.update(
-            qformer=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, vocab_size=50, max_position_embeddings=64),
+            qformer=dict(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                vocab_size=50,
+                max_position_embeddings=64,
+            ),
             num_query_tokens=8,
         )
     kwargs.update(overrides)

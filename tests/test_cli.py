@@ -52,8 +52,21 @@ def run_config(tmp_path, model_dir) -> Path:
 
 
 def test_chat_scripted_questions_print_one_answer_each(model_dir, image, capsys):
-    main(["chat", "--model", str(model_dir), "--image", str(image), "--ask", "What is this?",
-          "--ask", "And the color?", "--max-new-tokens", "4"])  # fmt: skip
+    main(
+        [
+            "chat",
+            "--model",
+            str(model_dir),
+            "--image",
+            str(image),
+            "--ask",
+            "What is this?",
+            "--ask",
+            "And the color?",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     assert [ln for ln in lines if ln.startswith("User:")] == ["User: What is this?", "User: And the color?"]
     answers = [i for i, ln in enumerate(lines) if ln.startswith("Assistant:")]
@@ -62,8 +75,21 @@ def test_chat_scripted_questions_print_one_answer_each(model_dir, image, capsys)
 
 
 def test_chat_beam_search_answers(model_dir, image, capsys):
-    main(["chat", "--model", str(model_dir), "--image", str(image), "--ask", "What is this?",
-          "--num-beams", "2", "--max-new-tokens", "3"])  # fmt: skip
+    main(
+        [
+            "chat",
+            "--model",
+            str(model_dir),
+            "--image",
+            str(image),
+            "--ask",
+            "What is this?",
+            "--num-beams",
+            "2",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     assert sum(ln.startswith("Assistant:") for ln in capsys.readouterr().out.splitlines()) == 1
 
 

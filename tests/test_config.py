@@ -68,9 +68,16 @@ def test_defaults_without_file():
 def test_dotted_overrides_are_coerced():
     cfg = load_config(
         CONFIG_DIR / "toy_stage1.yaml",
-        ["train.lr=1e-4", "train.betas=0.9,0.95", "model.path=none", "train.resume=false", "train.max_steps=7",
-         "data.clean_captions=0", "model.attn_implementation=sdpa"],
-    )  # fmt: skip
+        [
+            "train.lr=1e-4",
+            "train.betas=0.9,0.95",
+            "model.path=none",
+            "train.resume=false",
+            "train.max_steps=7",
+            "data.clean_captions=0",
+            "model.attn_implementation=sdpa",
+        ],
+    )
     assert cfg.train.lr == 1e-4 and type(cfg.train.lr) is float
     assert cfg.train.betas == (0.9, 0.95)
     assert cfg.model.path is None
@@ -129,9 +136,13 @@ def test_malformed_override_raises_naming_it(item):
 
 @pytest.mark.parametrize(
     "item, key",
-    [("train.resume=maybe", "train.resume"), ("train.lr=fast", "train.lr"), ("train.max_steps=1.5", "train.max_steps"),
-     ("train.betas=0.9,x", "train.betas")],
-)  # fmt: skip
+    [
+        ("train.resume=maybe", "train.resume"),
+        ("train.lr=fast", "train.lr"),
+        ("train.max_steps=1.5", "train.max_steps"),
+        ("train.betas=0.9,x", "train.betas"),
+    ],
+)
 def test_bad_value_raises_naming_the_key(item, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config(None, [item])

@@ -35,7 +35,7 @@ def conv(name, n_turns):
 
 
 def learned_text(tok, enc):
-    return tok.decode([i for i, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE_INDEX])
+    return tok.decode([i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX])
 
 
 @pytest.mark.parametrize("name", CHAT)
@@ -50,7 +50,7 @@ def test_label_mask_is_exactly_answers_plus_turn_end(tiny_tokenizer, name, n_tur
     assert learned_text(tiny_tokenizer, enc) == want
     assert len(enc["input_ids"]) == len(enc["labels"])
     # learned tokens are exactly where the ids are (labels == ids or -100, no shift)
-    assert all(l in (IGNORE_INDEX, i) for i, l in zip(enc["input_ids"], enc["labels"]))
+    assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(enc["input_ids"], enc["labels"]))
     assert enc["num_images"] == 1 and not enc["truncated"] and enc["answer_tokens_cut"] == 0
 
 
@@ -129,7 +129,7 @@ def test_generation_prompt_is_training_prefix(tiny_tokenizer, name, system):
         gen = build_generation_prompt(tok, name, turns[:-1], N, **kw)
         assert train["input_ids"][: len(gen)] == gen
         tail = train["labels"][len(gen) :]
-        assert all(l != IGNORE_INDEX for l in tail)  # everything after the prompt is learned
+        assert all(lab != IGNORE_INDEX for lab in tail)  # everything after the prompt is learned
         t = get_template(name)
         answer = t.answer_prefix + turns[-1]["content"] + t.turn_end
         assert tok.decode(train["input_ids"][len(gen) :]) == answer
@@ -178,7 +178,7 @@ def test_truncation(tiny_tokenizer):
         with pytest.raises(ValueError, match="image tokens would not fit"):
             encode_conversation(tok, "minigpt4_v0", turns, N, system=None, max_length=m)
     # only prompt left -> nothing to learn
-    first_learned = next(i for i, l in enumerate(full["labels"]) if l != IGNORE_INDEX)
+    first_learned = next(i for i, lab in enumerate(full["labels"]) if lab != IGNORE_INDEX)
     with pytest.raises(ValueError, match="cuts off every answer"):
         encode_conversation(tok, "minigpt4_v0", turns, N, system=None, max_length=first_learned)
 
@@ -239,14 +239,23 @@ def test_jinja_chat_template_renders_like_generation_prompt(tiny_tokenizer, name
     turns = conv(name, 2) + [{"role": "user", "content": "How many shapes?"}]
     kw = {} if system == "default" else {"system": system}
     ids = build_generation_prompt(tiny_tokenizer, name, turns, 1, **kw)
-    qs = [turns[0]["content"].split(get_template(name).image_marker)[-1].strip(), turns[2]["content"], turns[4]["content"]]
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qs[0]}]},
-            {"role": "assistant", "content": turns[1]["content"]}, {"role": "user", "content": qs[1]},
-            {"role": "assistant", "content": turns[3]["content"]}, {"role": "user", "content": qs[2]}]  # fmt: skip
+    qs = [
+        turns[0]["content"].split(get_template(name).image_marker)[-1].strip(),
+        turns[2]["content"],
+        turns[4]["content"],
+    ]
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qs[0]}]},
+        {"role": "assistant", "content": turns[1]["content"]},
+        {"role": "user", "content": qs[1]},
+        {"role": "assistant", "content": turns[3]["content"]},
+        {"role": "user", "content": qs[2]},
+    ]
     if system != "default":
         msgs = [{"role": "system", "content": system}, *msgs]
-    text = tiny_tokenizer.apply_chat_template(msgs, chat_template=chat_template(name), add_generation_prompt=True,
-                                              tokenize=False)  # fmt: skip
+    text = tiny_tokenizer.apply_chat_template(
+        msgs, chat_template=chat_template(name), add_generation_prompt=True, tokenize=False
+    )
     assert text == tiny_tokenizer.decode(ids)
     no_gen = tiny_tokenizer.apply_chat_template(msgs, chat_template=chat_template(name), tokenize=False)
     assert text == no_gen + get_template(name).assistant_prefix
@@ -262,5 +271,7 @@ def test_training_system_is_llava_s_for_vicuna_v1_and_none_for_minigpt4(tiny_tok
     assert training_system("minigpt4_v0") is None and training_system("llama2") is None
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
     for name, has_system in (("vicuna_v1", True), ("minigpt4_v0", False)):
-        ids = make_conversation_encoder(tiny_tokenizer, name, 0)(ConversationRecord(image=None, turns=turns))["input_ids"]
+        ids = make_conversation_encoder(tiny_tokenizer, name, 0)(ConversationRecord(image=None, turns=turns))[
+            "input_ids"
+        ]
         assert ("A chat between" in tiny_tokenizer.decode(ids)) == has_system

@@ -12,9 +12,10 @@ import logging
 import queue
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from PIL import Image
 
@@ -43,8 +44,14 @@ class DemoModel:
     examples: list[str] = field(default_factory=list)  # image files offered under the upload box
 
 
-def load_demo_model(path: str | None, *, template: str | None = None, dtype: str = "float32",
-                    device: str = "cpu", example_dir: Path | None = None) -> DemoModel:  # fmt: skip
+def load_demo_model(
+    path: str | None,
+    *,
+    template: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    example_dir: Path | None = None,
+) -> DemoModel:
     """The model behind `--model` (a folder or hub id). Without one, the toy default: the stage-2
     model `mmalign toy run` exported, else `toy-minigpt4` built from the shipped backbones with
     an untrained projection (it runs, but its answers do not reflect the image). The toy default comes
@@ -62,9 +69,11 @@ def load_demo_model(path: str | None, *, template: str | None = None, dtype: str
         from mmalign.recipes import get_recipe
 
         recipe = get_recipe("toy-minigpt4")
-        note = (f"No --model given and no {TOY_EXPORT}: serving `toy-minigpt4` built from the shipped toy "
-                "backbones with an UNTRAINED projection, so its answers do not reflect the image. "
-                "Run `mmalign toy run` (about 6 min on 2 CPU cores) to train one.")  # fmt: skip
+        note = (
+            f"No --model given and no {TOY_EXPORT}: serving `toy-minigpt4` built from the shipped toy "
+            "backbones with an UNTRAINED projection, so its answers do not reflect the image. "
+            "Run `mmalign toy run` (about 6 min on 2 CPU cores) to train one."
+        )
         log.warning(note)
         model, tokenizer = build_model(recipe.spec, dtype=torch_dtype, device=device)
         name, template = recipe.name, template or recipe.template
@@ -148,8 +157,13 @@ def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
             return
         history = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         yield "", history, session
-        gen = {"num_beams": int(beams), "do_sample": bool(sample), "temperature": float(temperature),
-               "top_p": TOP_P, "max_new_tokens": max_new_tokens}  # fmt: skip
+        gen = {
+            "num_beams": int(beams),
+            "do_sample": bool(sample),
+            "temperature": float(temperature),
+            "top_p": TOP_P,
+            "max_new_tokens": max_new_tokens,
+        }
         try:
             for piece in answers.stream(session, text, gen):
                 history[-1]["content"] += piece
@@ -173,8 +187,9 @@ def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
         return session
 
     with gr.Blocks(title="mmalign demo", analytics_enabled=False) as demo:
-        gr.Markdown(f"## mmalign chat demo\nModel: `{dm.name}` (template `{dm.template}`). "
-                    "Upload an image, then ask about it.")  # fmt: skip
+        gr.Markdown(
+            f"## mmalign chat demo\nModel: `{dm.name}` (template `{dm.template}`). Upload an image, then ask about it."
+        )
         if dm.note:
             gr.Markdown(f"**Warning:** {dm.note}", elem_id="model-note")
         state = gr.State(None)
@@ -188,18 +203,24 @@ def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
                 temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.1, label="Temperature", elem_id="temperature")
                 sample = gr.Checkbox(value=True, label="Sampling (off: greedy, deterministic)", elem_id="sample")
             with gr.Column(scale=2):
-                chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", feedback_options=None,
-                                     buttons=["copy", "copy_all"])  # fmt: skip
+                chatbot = gr.Chatbot(
+                    label="Chat", height=420, elem_id="chatbot", feedback_options=None, buttons=["copy", "copy_all"]
+                )
                 with gr.Row():
-                    text = gr.Textbox(show_label=False, placeholder="Ask about the image and press Enter",
-                                      scale=4, elem_id="question")  # fmt: skip
+                    text = gr.Textbox(
+                        show_label=False, placeholder="Ask about the image and press Enter", scale=4, elem_id="question"
+                    )
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
                 if dm.examples:
                     gr.Examples([[q] for q in TOY_QUESTIONS], inputs=text, label="Questions")
 
         image.change(on_image, [image, state], [state, chatbot], queue=False)
-        ask = {"fn": on_ask, "inputs": [text, chatbot, state, beams, temperature, sample],
-               "outputs": [text, chatbot, state], "concurrency_id": "answer"}  # fmt: skip
+        ask = {
+            "fn": on_ask,
+            "inputs": [text, chatbot, state, beams, temperature, sample],
+            "outputs": [text, chatbot, state],
+            "concurrency_id": "answer",
+        }
         text.submit(**ask)
         send.click(**ask)
         clear.click(on_clear, [state], [image, chatbot, text, state], queue=False)
@@ -207,16 +228,26 @@ def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
     return demo
 
 
-def launch(dm: DemoModel, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           block: bool = True) -> Any:  # fmt: skip
+def launch(
+    dm: DemoModel, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False, block: bool = True
+) -> Any:
     """Serve the page; `block=False` returns at once (tests)."""
     import gradio as gr
 
     demo = build_demo(dm)
     demo.queue(default_concurrency_limit=None)  # the lock serialises generation; the queue need not
     # system fonts only: the page must render without reaching a font CDN (offline machines, CI)
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])  # fmt: skip
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, theme=theme,
-                css=CSS, quiet=not block, ssr_mode=False)  # fmt: skip
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        prevent_thread_lock=not block,
+        theme=theme,
+        css=CSS,
+        quiet=not block,
+        ssr_mode=False,
+    )
     return demo

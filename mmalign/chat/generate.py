@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -24,12 +25,22 @@ from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList
 
 from mmalign.data.collate import left_pad
 from mmalign.model import check_image_tokens, num_image_tokens
-from mmalign.prompts import (Template, build_generation_prompt, cut_at_stop, get_template, stop_prefix_len,
-                             stop_token_ids, strip_stop)
+from mmalign.prompts import (
+    Template,
+    build_generation_prompt,
+    cut_at_stop,
+    get_template,
+    stop_prefix_len,
+    stop_token_ids,
+    strip_stop,
+)
 
 # transformers 5.x renames generate's `past_key_values` to `cache` (the old name is deprecated)
-CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters \
-    else "past_key_values"  # fmt: skip
+CACHE_KWARG = (
+    "cache"
+    if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
+)
 
 
 def generation_kwargs(tokenizer: Any, template: Template, **overrides: Any) -> dict[str, Any]:
@@ -40,8 +51,15 @@ def generation_kwargs(tokenizer: Any, template: Template, **overrides: Any) -> d
     criteria do; single-token stops are also passed as EOS ids.
     """
     eos = [tokenizer.eos_token_id, *stop_token_ids(tokenizer, template)]
-    kw = {"max_new_tokens": 128, "do_sample": False, "num_beams": 1, "pad_token_id": tokenizer.pad_token_id,
-          "eos_token_id": sorted(set(eos)), "stop_strings": list(template.stop), "tokenizer": tokenizer}  # fmt: skip
+    kw = {
+        "max_new_tokens": 128,
+        "do_sample": False,
+        "num_beams": 1,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": sorted(set(eos)),
+        "stop_strings": list(template.stop),
+        "tokenizer": tokenizer,
+    }
     kw.update({k: v for k, v in overrides.items() if v is not None})
     if not kw.get("do_sample"):
         kw.pop("temperature", None), kw.pop("top_p", None)
@@ -75,8 +93,9 @@ def model_generate(
         mask = input_ids == model.config.image_token_index
         mask[:, :past] = False
         embeds = embeds.masked_scatter(mask[..., None], feats.to(embeds.dtype))
-    return model.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
-                                         **kwargs)  # fmt: skip
+    return model.language_model.generate(
+        input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask, **kwargs
+    )
 
 
 @torch.no_grad()
@@ -196,9 +215,14 @@ def generate_rows(model: Any, tokenizer: Any, template: str | Template, rows: Se
     criteria = _RowsCriteria(rows, tokenizer, t, kwargs["eos_token_id"])
     pixel_values = torch.stack(images).to(device, dtype) if images else None
     model.eval()
-    model_generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), pixel_values,
-                   stopping_criteria=StoppingCriteriaList([criteria]), **kwargs)  # fmt: skip
-    for i, row in enumerate(rows):  # generate ended (e.g. every row at EOS) before a row said why
+    model_generate(
+        model,
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        pixel_values,
+        stopping_criteria=StoppingCriteriaList([criteria]),
+        **kwargs,
+    )
+    for row in rows:  # generate ended (e.g. every row at EOS) before a row said why
         if row.finish_reason is None:
             row.finish_reason = "length"
-

@@ -25,8 +25,9 @@ from PIL import Image
 
 MAX_PIXELS = 4096 * 4096
 MAX_BYTES = 20 * 1024 * 1024
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<data>.*)$",
-                       re.DOTALL)  # fmt: skip
+_DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,(?P<data>.*)$", re.DOTALL
+)
 
 
 class ImageError(ValueError):
@@ -55,11 +56,17 @@ def load_image_url(url: str, policy: ImagePolicy = ImagePolicy()) -> Image.Image
         return decode_image(_data_url_bytes(url, policy.max_bytes), policy.max_pixels)
     if scheme in ("http", "https"):
         if not policy.allow_remote:
-            raise ImageError("remote image URLs are refused; send the image as a base64 data: URL "
-                             "(or start the server with --allow-remote-images)", "remote_images_disabled")  # fmt: skip
+            raise ImageError(
+                "remote image URLs are refused; send the image as a base64 data: URL "
+                "(or start the server with --allow-remote-images)",
+                "remote_images_disabled",
+            )
         return decode_image(_fetch(url, policy), policy.max_pixels)
-    raise ImageError(f"unsupported image URL scheme {scheme or 'none (a local path?)'!r}: only data: URLs "
-                     "(and http(s) with --allow-remote-images) are accepted", "unsupported_image_url")  # fmt: skip
+    raise ImageError(
+        f"unsupported image URL scheme {scheme or 'none (a local path?)'!r}: only data: URLs "
+        "(and http(s) with --allow-remote-images) are accepted",
+        "unsupported_image_url",
+    )
 
 
 def _data_url_bytes(url: str, max_bytes: int) -> bytes:
@@ -99,8 +106,9 @@ def check_remote_url(url: str, policy: ImagePolicy) -> None:
         ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
         # loopback, private, link-local, reserved, shared (100.64/10), unspecified: none is global
         if not ip.is_global or ip.is_multicast or ip.is_loopback or ip.is_link_local or ip.is_reserved:
-            raise ImageError(f"image host {parts.hostname!r} resolves to {ip}, not a public address: refused",
-                             "image_host_refused")  # fmt: skip
+            raise ImageError(
+                f"image host {parts.hostname!r} resolves to {ip}, not a public address: refused", "image_host_refused"
+            )
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):

@@ -21,9 +21,10 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
@@ -83,8 +84,14 @@ class ChatRequest(_Schema):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
@@ -124,7 +131,9 @@ def build_prompt(
             try:
                 images.append(load_image_url(p.image_url.url, policy))
             except ImageError as e:
-                raise APIError(400, f"messages[{i}].content: {e}", f"messages[{i}].content[{j}].image_url", e.code) from None
+                raise APIError(
+                    400, f"messages[{i}].content: {e}", f"messages[{i}].content[{j}].image_url", e.code
+                ) from None
             text = user_with_image(t, text)
         if role == "system":
             sys_texts.append(text)
@@ -157,8 +166,16 @@ class Job:
 class BatchWorker:
     """One thread that owns the model: queued jobs -> batches -> `generate_rows`."""
 
-    def __init__(self, model: Any, tokenizer: Any, template: Any, *, max_batch_size: int = 16,
-                 batch_wait_s: float = 0.02, max_queue: int = 256):  # fmt: skip
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        template: Any,
+        *,
+        max_batch_size: int = 16,
+        batch_wait_s: float = 0.02,
+        max_queue: int = 256,
+    ):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
@@ -177,8 +194,9 @@ class BatchWorker:
         try:
             self.queue.put_nowait(job)
         except queue.Full:
-            raise APIError(429, "server busy: too many queued requests, retry later", None,
-                           "server_busy", "rate_limit_error") from None  # fmt: skip
+            raise APIError(
+                429, "server busy: too many queued requests, retry later", None, "server_busy", "rate_limit_error"
+            ) from None
 
     def _collect(self) -> list[Job]:
         try:
@@ -225,7 +243,7 @@ def create_app(
     *,
     model_name: str = "mmalign",
     system: Any = _DEFAULT,
-    images: ImagePolicy = ImagePolicy(),
+    images: ImagePolicy = ImagePolicy(),  # noqa: B008 (a frozen dataclass: one shared default is safe)
     max_batch_size: int = 16,
     batch_wait_s: float = 0.02,
     max_queue: int = 256,
@@ -236,8 +254,9 @@ def create_app(
     """The FastAPI app around one loaded model (see the module doc)."""
     n_img = num_image_tokens(model.config)
     max_context = max_context or getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
-    worker = BatchWorker(model, tokenizer, template, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s,
-                         max_queue=max_queue)  # fmt: skip
+    worker = BatchWorker(
+        model, tokenizer, template, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queue=max_queue
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -257,16 +276,19 @@ def create_app(
         err = e.errors()[0]
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"malformed JSON body: {err.get('msg')}", "invalid_request_error", None,
-                                           "invalid_json"), status_code=400)  # fmt: skip
+            return JSONResponse(
+                error_body(f"malformed JSON body: {err.get('msg')}", "invalid_request_error", None, "invalid_json"),
+                status_code=400,
+            )
         param = ".".join(loc) or None
         msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
         return JSONResponse(error_body(msg, "invalid_request_error", param, err.get("type")), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error", None, str(e.status_code)),
-                            status_code=e.status_code)  # fmt: skip
+        return JSONResponse(
+            error_body(str(e.detail), "invalid_request_error", None, str(e.status_code)), status_code=e.status_code
+        )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -279,8 +301,9 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         if req.model not in (None, "", model_name):
-            raise APIError(404, f"model {req.model!r} not found; this server serves {model_name!r}", "model",
-                           "model_not_found")  # fmt: skip
+            raise APIError(
+                404, f"model {req.model!r} not found; this server serves {model_name!r}", "model", "model_not_found"
+            )
         if req.n != 1:
             raise APIError(400, "only n=1 is supported", "n")
         # cheap checks first: no image is fetched or decoded for a request that will be refused
@@ -290,16 +313,26 @@ def create_app(
             raise APIError(400, "stop: up to 4 non-empty strings", "stop")
         n_images = sum(isinstance(p, ImagePart) for m in req.messages if isinstance(m.content, list) for p in m.content)
         if n_images > max_images:
-            raise APIError(400, f"{n_images} images in one request, over the limit of {max_images}", "messages",
-                           "too_many_images")  # fmt: skip
+            raise APIError(
+                400, f"{n_images} images in one request, over the limit of {max_images}", "messages", "too_many_images"
+            )
         if n_images * n_img + max_new > max_context:
-            raise APIError(400, f"{n_images} images ({n_images * n_img} tokens) + max_tokens ({max_new}) are over "
-                           f"the model's context of {max_context} tokens", "messages",
-                           "context_length_exceeded")  # fmt: skip
+            raise APIError(
+                400,
+                f"{n_images} images ({n_images * n_img} tokens) + max_tokens ({max_new}) are over "
+                f"the model's context of {max_context} tokens",
+                "messages",
+                "context_length_exceeded",
+            )
         prompt = await run_in_threadpool(build_prompt, req, tokenizer, template, n_img, images, system)
         if len(prompt.ids) + max_new > max_context:
-            raise APIError(400, f"prompt ({len(prompt.ids)} tokens) + max_tokens ({max_new}) is over the model's "
-                           f"context of {max_context} tokens", "messages", "context_length_exceeded")  # fmt: skip
+            raise APIError(
+                400,
+                f"prompt ({len(prompt.ids)} tokens) + max_tokens ({max_new}) is over the model's "
+                f"context of {max_context} tokens",
+                "messages",
+                "context_length_exceeded",
+            )
         pixels = await run_in_threadpool(lambda: [image_transform(im) for im in prompt.images])
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
@@ -325,10 +358,16 @@ def create_app(
             gone.cancel()
         if ev[0] == "error":
             raise APIError(500, f"generation failed: {ev[1]}", None, "generation_failed", "server_error")
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                  "finish_reason": row.finish_reason}  # fmt: skip
-        usage = {"prompt_tokens": len(prompt.ids), "completion_tokens": len(row.token_ids),
-                 "total_tokens": len(prompt.ids) + len(row.token_ids)}  # fmt: skip
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(text)},
+            "finish_reason": row.finish_reason,
+        }
+        usage = {
+            "prompt_tokens": len(prompt.ids),
+            "completion_tokens": len(row.token_ids),
+            "total_tokens": len(prompt.ids) + len(row.token_ids),
+        }
         return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
 
     return app
@@ -345,8 +384,11 @@ async def _sse(meta: dict[str, Any], events: asyncio.Queue, row: Row):
     """OpenAI's stream: a role chunk, content chunks, a finish chunk, then `data: [DONE]`."""
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        body = {**meta, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        body = {
+            **meta,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
         return f"data: {json.dumps(body)}\n\n"
 
     try:
@@ -383,7 +425,13 @@ def serve(
     from mmalign.model.build import load_model, template_of
 
     model, tokenizer = load_model(model_dir, dtype=dtype, device=device, load_in=load_in)
-    app = create_app(model, tokenizer, template or template_of(model_dir), image_transform_for(model),
-                     model_name=model_name or model_dir, images=ImagePolicy(allow_remote=allow_remote_images),
-                     max_batch_size=max_batch_size)  # fmt: skip
+    app = create_app(
+        model,
+        tokenizer,
+        template or template_of(model_dir),
+        image_transform_for(model),
+        model_name=model_name or model_dir,
+        images=ImagePolicy(allow_remote=allow_remote_images),
+        max_batch_size=max_batch_size,
+    )
     uvicorn.run(app, host=host, port=port)

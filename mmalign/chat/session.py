@@ -14,7 +14,8 @@ conversation (images included) and drops the cache, which the next turn builds a
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from PIL import Image
@@ -87,8 +88,10 @@ class ChatSession:
         ids = self.ids + new
         kwargs = generation_kwargs(self.tokenizer, self.template, **gen)
         if len(ids) + kwargs["max_new_tokens"] > self.max_context:  # room for the answer too, as MiniGPT-4's demo
-            raise ValueError(f"conversation is {len(ids)} tokens + max_new_tokens={kwargs['max_new_tokens']}, over "
-                             f"max_context={self.max_context}: /reset")  # fmt: skip
+            raise ValueError(
+                f"conversation is {len(ids)} tokens + max_new_tokens={kwargs['max_new_tokens']}, over "
+                f"max_context={self.max_context}: /reset"
+            )
         check_image_tokens(torch.tensor(ids), len(self.images), self.model.config)
         self.turns.append({"role": "user", "content": content})
         answer, shown, out = "", 0, []
@@ -127,7 +130,9 @@ class ChatSession:
         if beams or not self.kv_reuse:
             self._cache, self._cached_images = None, 0  # re-encode everything (see module doc)
         else:
-            self._cache = self._cache if self._cache is not None else DynamicCache(config=self.model.config.get_text_config())
+            self._cache = (
+                self._cache if self._cache is not None else DynamicCache(config=self.model.config.get_text_config())
+            )
             inputs[CACHE_KWARG] = self._cache
         new_images = self.images[self._cached_images :]
         if new_images:

@@ -7,8 +7,9 @@ IterableDatasets with ``set_epoch`` / ``set_resume`` (see ``mmalign.data.stream`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mmalign.config import DataConfig, SourceConfig
 from mmalign.data.sampling import LengthGroupedSampler
@@ -86,9 +87,15 @@ def _open_source(
     kind = _source_type(src.path, src.type)
     if kind == "webdataset":
         return ShardStream(
-            src.path, encode, image_transform, seed=seed, shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world,
+            src.path,
+            encode,
+            image_transform,
+            seed=seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            rank=rank,
+            world=world,
             skips=skips,
-        )  # fmt: skip
+        )
     if kind == "llava":
         records = read_llava_json(src.path, src.image_root, template=cfg.template, skips=skips)
         if cfg.source == "captions":  # pretraining JSON in LLaVA form (ShareGPT4V-PT): the answer is the caption
@@ -137,9 +144,12 @@ def dataset_from_config(
             for s in cfg.sources
         ]
         return MixedStream(
-            parts, [s.ratio for s in cfg.sources], group=batch_size if cfg.mix == "batch" else 1, seed=seed,
+            parts,
+            [s.ratio for s in cfg.sources],
+            group=batch_size if cfg.mix == "batch" else 1,
+            seed=seed,
             names=[s.path for s in cfg.sources],
-        )  # fmt: skip
+        )
     if not cfg.path:
         raise ValueError(
             "data.path is not set: point it at webdataset shards, a caption JSON, cc_sbu_align filter_cap.json or "

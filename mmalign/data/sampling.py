@@ -7,7 +7,7 @@ image and text-only samples apart lets a step run one modality at a time.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler

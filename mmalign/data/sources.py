@@ -14,9 +14,10 @@ import os
 import random
 import tempfile
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence, Union
+from typing import IO, Any
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -26,7 +27,7 @@ from mmalign.prompts import IMAGE_TOKEN, Template, get_template, user_with_image
 
 log = logging.getLogger(__name__)
 
-ImageRef = Union[str, Path, Image.Image]
+ImageRef = str | Path | Image.Image
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ConversationRecord:
     key: str = ""
 
 
-Record = Union[CaptionRecord, ConversationRecord]
+Record = CaptionRecord | ConversationRecord
 
 
 class SkipCounter:
@@ -316,9 +317,7 @@ def make_conversation_encoder(
             ]
         else:
             turns = rec.turns
-        return prompts.encode_conversation(
-            tokenizer, t, turns, num_image_tokens, system=system, max_length=max_length
-        )
+        return prompts.encode_conversation(tokenizer, t, turns, num_image_tokens, system=system, max_length=max_length)
 
     return encode
 

@@ -34,7 +34,8 @@ import os
 import random
 import re
 import tarfile
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import webdataset as wds

@@ -26,10 +26,16 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
 POSITIONS = (
-    "top left", "top middle", "top right",
-    "middle left", "center", "middle right",
-    "bottom left", "bottom middle", "bottom right",
-)  # fmt: skip
+    "top left",
+    "top middle",
+    "top right",
+    "middle left",
+    "center",
+    "middle right",
+    "bottom left",
+    "bottom middle",
+    "bottom right",
+)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 MAX_OBJECTS = 4
 BACKGROUND = (200, 200, 195)
@@ -65,9 +71,7 @@ class Scene:
     seed: int
 
     def count(self, shape: str | None = None, colour: str | None = None) -> int:
-        return sum(
-            (shape is None or o.shape == shape) and (colour is None or o.colour == colour) for o in self.objects
-        )
+        return sum((shape is None or o.shape == shape) and (colour is None or o.colour == colour) for o in self.objects)
 
     def has(self, colour: str, shape: str) -> bool:
         return self.count(shape, colour) > 0
@@ -194,7 +198,9 @@ def questions(scene: Scene, rng: random.Random) -> list[QA]:
     if len(unique) >= 2:
         a, b = rng.sample(unique, 2)
         if a.col != b.col:
-            out.append(QA("relation", f"Is the {a.name} to the left of the {b.name}?", "yes" if a.col < b.col else "no"))
+            out.append(
+                QA("relation", f"Is the {a.name} to the left of the {b.name}?", "yes" if a.col < b.col else "no")
+            )
         if a.row != b.row:
             out.append(QA("relation", f"Is the {a.name} above the {b.name}?", "yes" if a.row < b.row else "no"))
     return out

@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from mmalign.evaluate.runner import Sample, Task, read_json
 
@@ -61,9 +62,21 @@ def chair_scores(per_text: Sequence[tuple[int, int, int]], n_targets: int) -> di
 # vocabulary: text -> object names
 
 _INVARIANT = {"sheep", "fish", "deer", "bison", "cattle", "scissors", "skis", "people", "children", "oxen", "series"}
-_IRREGULAR = {"person": "people", "child": "children", "mouse": "mice", "goose": "geese", "ox": "oxen",
-              "foot": "feet", "tooth": "teeth", "calf": "calves", "half": "halves", "shelf": "shelves",
-              "leaf": "leaves", "wolf": "wolves", "loaf": "loaves"}  # fmt: skip
+_IRREGULAR = {
+    "person": "people",
+    "child": "children",
+    "mouse": "mice",
+    "goose": "geese",
+    "ox": "oxen",
+    "foot": "feet",
+    "tooth": "teeth",
+    "calf": "calves",
+    "half": "halves",
+    "shelf": "shelves",
+    "leaf": "leaves",
+    "wolf": "wolves",
+    "loaf": "loaves",
+}
 
 
 def plural_forms(word: str) -> set[str]:
@@ -157,8 +170,6 @@ def coco_vocabulary() -> PhraseVocabulary:
 # COCO ground truth and the benchmark
 
 
-
-
 def coco_objects(instances: dict, captions: dict | None, vocab: PhraseVocabulary | None = None) -> dict[int, set[str]]:
     """Objects per image: the categories of its instance annotations plus the objects its
     reference captions name (CHAIR's ground truth uses both)."""
@@ -192,11 +203,15 @@ def load_coco(data: Path | None, images: Path | None, options: dict[str, Any]) -
     samples = []
     for kind in options.get("prompts") or ("long", "short"):
         for i in ids:
-            samples.append(Sample(
-                id=f"{kind}/{i}", prompt=PROMPTS[kind], image=lambda p=folder / files[i]: _open(p),
-                truth={"prompt_kind": kind, "image_id": i, "objects": sorted(objects[i])},
-                max_new_tokens=MAX_NEW_TOKENS[kind],
-            ))  # fmt: skip
+            samples.append(
+                Sample(
+                    id=f"{kind}/{i}",
+                    prompt=PROMPTS[kind],
+                    image=lambda p=folder / files[i]: _open(p),
+                    truth={"prompt_kind": kind, "image_id": i, "objects": sorted(objects[i])},
+                    max_new_tokens=MAX_NEW_TOKENS[kind],
+                )
+            )
     return samples
 
 
@@ -220,18 +235,24 @@ def score_coco(records: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         per = [chair_counts(vocab.names(r["prediction"]), r["truth"]["objects"], r["truth"]["objects"]) for r in recs]
         n_targets = sum(len(r["truth"]["objects"]) for r in recs)
-        out[kind] = {"prompt": PROMPTS[kind], "n": len(recs), **chair_scores(per, n_targets),
-                     **describe_stats([r["prediction"] for r in recs])}  # fmt: skip
+        out[kind] = {
+            "prompt": PROMPTS[kind],
+            "n": len(recs),
+            **chair_scores(per, n_targets),
+            **describe_stats([r["prediction"] for r in recs]),
+        }
     return out
 
 
 def rows_coco(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str]]:
     rows = []
     for kind in PROMPTS:
-        rows += [(f"CHAIRi, {kind} prompt", (kind, "chair_i"), "{:.1%}"),
-                 (f"CHAIRs, {kind} prompt", (kind, "chair_s"), "{:.1%}"),
-                 (f"object recall, {kind} prompt", (kind, "recall"), "{:.1%}"),
-                 (f"mean words, {kind} prompt", (kind, "mean_words"), "{:.1f}")]  # fmt: skip
+        rows += [
+            (f"CHAIRi, {kind} prompt", (kind, "chair_i"), "{:.1%}"),
+            (f"CHAIRs, {kind} prompt", (kind, "chair_s"), "{:.1%}"),
+            (f"object recall, {kind} prompt", (kind, "recall"), "{:.1%}"),
+            (f"mean words, {kind} prompt", (kind, "mean_words"), "{:.1f}"),
+        ]
     return rows
 
 
@@ -239,11 +260,14 @@ def notes_coco(by_model: dict[str, dict[str, Any]]) -> list[str]:
     out = []
     for name, m in by_model.items():
         if "long" in m and "short" in m:
-            out.append(f"- {name}: CHAIRi short prompt {m['short']['chair_i']:.1%} ({m['short']['mean_words']:.1f} words) vs "
-                       f"long {m['long']['chair_i']:.1%} ({m['long']['mean_words']:.1f} words); MiniGPT-4 reports 7.2% "
-                       "(28.8 words) vs 9.6% (175 words)")  # fmt: skip
+            out.append(
+                f"- {name}: CHAIRi short prompt {m['short']['chair_i']:.1%} ({m['short']['mean_words']:.1f} words) vs "
+                f"long {m['long']['chair_i']:.1%} ({m['long']['mean_words']:.1f} words); MiniGPT-4 reports 7.2% "
+                "(28.8 words) vs 9.6% (175 words)"
+            )
     return out
 
 
-TASK = Task("chair", load_coco, score_coco, rows_coco, "CHAIRi / CHAIRs on COCO, long and short description prompts",
-            notes_coco)
+TASK = Task(
+    "chair", load_coco, score_coco, rows_coco, "CHAIRi / CHAIRs on COCO, long and short description prompts", notes_coco
+)

@@ -14,7 +14,8 @@ it is an optional extra (`pip install "mmalign[lmms]"`); without it this module 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -70,7 +71,9 @@ class MMAlignLMMS(_LMMSBase):
         if model is None:
             if pretrained is None:
                 raise ValueError("mmalign lmms-eval model needs pretrained=FOLDER_OR_HUB_ID")
-            model, tokenizer = load_model(pretrained, dtype=dtype, device=device, attn_implementation=attn_implementation)
+            model, tokenizer = load_model(
+                pretrained, dtype=dtype, device=device, attn_implementation=attn_implementation
+            )
             template = template or template_of(pretrained)
         if template is None:
             raise ValueError("pass template=... with a built model")
@@ -116,8 +119,15 @@ class MMAlignLMMS(_LMMSBase):
             for i in idx:
                 context, _, doc_to_visual, doc_id, task, split = requests[i].args
                 items.append((self._visual(doc_to_visual, task, split, doc_id), self._question(context)))
-            answers = generate(self.model, self.tokenizer, self.template, items, self.image_transform,
-                               batch_size=self.batch_size, max_new_tokens=max_new)  # fmt: skip
+            answers = generate(
+                self.model,
+                self.tokenizer,
+                self.template,
+                items,
+                self.image_transform,
+                batch_size=self.batch_size,
+                max_new_tokens=max_new,
+            )
             for i, text in zip(idx, answers):
                 for stop in until:
                     if stop and stop in text:
@@ -145,10 +155,13 @@ class MMAlignLMMS(_LMMSBase):
             image = self._visual(doc_to_visual, task, split, doc_id)
             q = self._question(context)
             turns = [{"role": "user", "content": user_with_image(self.template, q) if image is not None else q}]
-            prompt = build_generation_prompt(self.tokenizer, self.template, turns, n_img,
-                                             system=training_system(self.template))  # fmt: skip
+            prompt = build_generation_prompt(
+                self.tokenizer, self.template, turns, n_img, system=training_system(self.template)
+            )
             # as trained: the template's answer prefix (vicuna_v1: " ") comes before the answer
-            cont = self.tokenizer.encode(get_template(self.template).answer_prefix + continuation, add_special_tokens=False)
+            cont = self.tokenizer.encode(
+                get_template(self.template).answer_prefix + continuation, add_special_tokens=False
+            )
             if not cont:
                 results.append((0.0, True))
                 continue

@@ -67,10 +67,15 @@ def load_mme(data: Path | None, images: Path | None, options: dict[str, Any]) ->
                 if len(parts) != 2 or parts[1].strip().lower() not in ("yes", "no"):
                     log.warning("%s line %d: not 'question<TAB>Yes|No'; skipped", txt, k + 1)
                     continue
-                samples.append(Sample(f"{task}/{txt.stem}/{k}", with_suffix(parts[0], YES_NO),
-                                      lambda p=image: Image.open(p),
-                                      {"subtask": task, "image": txt.stem, "answer": parts[1].strip().lower()},
-                                      max_new_tokens=16))  # fmt: skip
+                samples.append(
+                    Sample(
+                        f"{task}/{txt.stem}/{k}",
+                        with_suffix(parts[0], YES_NO),
+                        lambda p=image: Image.open(p),
+                        {"subtask": task, "image": txt.stem, "answer": parts[1].strip().lower()},
+                        max_new_tokens=16,
+                    )
+                )
             n += 1
             if options.get("limit") and n >= options["limit"]:  # images per sub-task
                 break
@@ -81,7 +86,9 @@ def score_mme(records: list[dict[str, Any]]) -> dict[str, Any]:
     by_task: dict[str, dict[str, list[bool]]] = {}
     for r in records:
         t = r["truth"]
-        by_task.setdefault(t["subtask"], {}).setdefault(t["image"], []).append(mme_answer(r["prediction"]) == t["answer"])
+        by_task.setdefault(t["subtask"], {}).setdefault(t["image"], []).append(
+            mme_answer(r["prediction"]) == t["answer"]
+        )
     out: dict[str, Any] = {"subtasks": {}}
     for task, images in by_task.items():
         answers = [ok for oks in images.values() for ok in oks]
@@ -98,8 +105,10 @@ def score_mme(records: list[dict[str, Any]]) -> dict[str, Any]:
 def rows_mme(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str]]:
     rows = [(f"{g} total", (g,), "{:.1f}") for g in ("perception", "cognition") if g in metrics]
     for task in metrics.get("subtasks", {}):
-        rows += [(f"{task} {k.replace('_plus', '+')}", ("subtasks", task, k), "{:.1f}")
-                 for k in ("score", "accuracy", "accuracy_plus")]
+        rows += [
+            (f"{task} {k.replace('_plus', '+')}", ("subtasks", task, k), "{:.1f}")
+            for k in ("score", "accuracy", "accuracy_plus")
+        ]
     return rows
 
 

@@ -44,9 +44,10 @@ def parse_choice(text: str, options: dict[str, str]) -> str | None:
     if m and m[1] in options:
         return m[1]
     letters = {
-        m[1] for m in re.finditer(r"\b([A-I])\b", t)
-        if m[1] in options and not (m[1] in "AI" and re.match(r" [a-z]", t[m.end():]))
-    }  # fmt: skip
+        m[1]
+        for m in re.finditer(r"\b([A-I])\b", t)
+        if m[1] in options and not (m[1] in "AI" and re.match(r" [a-z]", t[m.end() :]))
+    }
     if len(letters) == 1:
         return letters.pop()
     hits = [k for k, v in options.items() if v.strip() and v.strip().lower() in t.lower()]
@@ -74,17 +75,30 @@ def load_mmbench(data: Path | None, images: Path | None, options: dict[str, Any]
         if len(img) < 64 and img in image_of:  # a reference to another row's image
             img = image_of[img]
         if len(opts) < 2 or _missing(row.get("question")) or _missing(img):
-            log.warning("%s line %d (index %s): skipped, needs a question, an image and >= 2 options", data, n, row.get("index"))
+            log.warning(
+                "%s line %d (index %s): skipped, needs a question, an image and >= 2 options", data, n, row.get("index")
+            )
             continue
         answer = None if _missing(row.get("answer")) else row["answer"].strip()
         for r in range(len(opts) if circular else 1):
             rotated = opts[r:] + opts[:r]
             letter = None if answer is None else LETTERS[(LETTERS.index(answer) - r) % len(opts)]
-            truth = {"index": row["index"], "rotation": r, "answer": letter, "category": row.get("category", ""),
-                     "options": {LETTERS[i]: o for i, o in enumerate(rotated)}}  # fmt: skip
-            samples.append(Sample(f"{row['index']}/{r}", build_prompt(row["question"], row.get("hint"), rotated),
-                                  lambda b=img: Image.open(io.BytesIO(base64.b64decode(b))), truth,
-                                  max_new_tokens=8))  # fmt: skip
+            truth = {
+                "index": row["index"],
+                "rotation": r,
+                "answer": letter,
+                "category": row.get("category", ""),
+                "options": {LETTERS[i]: o for i, o in enumerate(rotated)},
+            }
+            samples.append(
+                Sample(
+                    f"{row['index']}/{r}",
+                    build_prompt(row["question"], row.get("hint"), rotated),
+                    lambda b=img: Image.open(io.BytesIO(base64.b64decode(b))),
+                    truth,
+                    max_new_tokens=8,
+                )
+            )
         if options.get("limit") and len({s.truth["index"] for s in samples}) >= options["limit"]:
             break
     return samples
@@ -97,7 +111,9 @@ def score_mc(records: list[dict[str, Any]]) -> dict[str, Any]:
         t = r["truth"]
         if t["answer"] is None:
             continue
-        by_q.setdefault(t["index"], []).append((t["rotation"], parse_choice(r["prediction"], t["options"]) == t["answer"]))
+        by_q.setdefault(t["index"], []).append(
+            (t["rotation"], parse_choice(r["prediction"], t["options"]) == t["answer"])
+        )
         category[t["index"]] = t.get("category", "")
     circ = {q: all(ok for _, ok in v) for q, v in by_q.items()}
     first = {q: next((ok for rot, ok in v if rot == 0), False) for q, v in by_q.items()}
@@ -114,8 +130,10 @@ def score_mc(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def rows_mc(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str]]:
-    rows = [("circular accuracy", ("circular_accuracy",), "{:.1%}"),
-            ("single-pass accuracy", ("single_pass_accuracy",), "{:.1%}")]  # fmt: skip
+    rows = [
+        ("circular accuracy", ("circular_accuracy",), "{:.1%}"),
+        ("single-pass accuracy", ("single_pass_accuracy",), "{:.1%}"),
+    ]
     return rows + [(f"circular, {c}", ("by_category", c), "{:.1%}") for c in metrics.get("by_category", {})]
 
 

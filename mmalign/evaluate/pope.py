@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mmalign.evaluate.runner import SHORT_ANSWER, Sample, Task, with_suffix
 
@@ -74,9 +75,15 @@ def load_pope(data: Path | None, images: Path | None, options: dict[str, Any]) -
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 log.warning("%s line %d: skipped, not a POPE record (%s)", path, n, e)
                 continue
-            split_samples.append(Sample(f"{split}/{qid}", with_suffix(question, SHORT_ANSWER),
-                                        lambda p=folder / image: Image.open(p),
-                                        {"split": split, "label": label.strip().lower()}, max_new_tokens=16))  # fmt: skip
+            split_samples.append(
+                Sample(
+                    f"{split}/{qid}",
+                    with_suffix(question, SHORT_ANSWER),
+                    lambda p=folder / image: Image.open(p),
+                    {"split": split, "label": label.strip().lower()},
+                    max_new_tokens=16,
+                )
+            )
         samples += split_samples[: options.get("limit") or None]
     return samples
 
@@ -87,7 +94,10 @@ def score_pope(records: list[dict[str, Any]]) -> dict[str, Any]:
         pairs = [(pope_answer(r["prediction"]), r["truth"]["label"]) for r in records if r["truth"]["split"] == split]
         out[split] = {"n": len(pairs), **yes_no_metrics(pairs)}
     if len(out) > 1:
-        out["average"] = {k: sum(m[k] for m in out.values()) / len(out) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+        out["average"] = {
+            k: sum(m[k] for m in out.values()) / len(out)
+            for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")
+        }
     return out
 
 

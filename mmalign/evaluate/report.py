@@ -97,10 +97,18 @@ def write_report(
     return text
 
 
-def write_toy_report(by_stage: dict[str, dict[str, Any]], out: str | Path, minutes: float | None = None,
-                     notes: list[str] = ()) -> str:  # fmt: skip
+def write_toy_report(
+    by_stage: dict[str, dict[str, Any]], out: str | Path, minutes: float | None = None, notes: list[str] = ()
+) -> str:
     """Write `report.md` + `report.png` (accuracy-type metrics per stage) under `out`; return the Markdown."""
     n = next(iter(by_stage.values())).get("n_scenes")
     intro = [f"Main job wall time: {minutes:.1f} min."] if minutes is not None else []
-    return write_report(f"Toy-world evaluation ({n} held-out scenes, greedy decoding)", by_stage, ROWS, out,
-                        intro=intro, notes=list(notes), chart_title="toy world: stage 1 vs stage 2")  # fmt: skip
+    return write_report(
+        f"Toy-world evaluation ({n} held-out scenes, greedy decoding)",
+        by_stage,
+        ROWS,
+        out,
+        intro=intro,
+        notes=list(notes),
+        chart_title="toy world: stage 1 vs stage 2",
+    )

@@ -16,9 +16,10 @@ import contextlib
 import importlib
 import json
 import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -110,8 +111,16 @@ def generate(
     turns = [
         (im, [{"role": "user", "content": user_with_image(template, q) if im is not None else q}]) for im, q in items
     ]
-    return generate_batch(model, tokenizer, template, turns, image_transform, batch_size=batch_size,
-                          system=training_system(template), **gen)  # fmt: skip
+    return generate_batch(
+        model,
+        tokenizer,
+        template,
+        turns,
+        image_transform,
+        batch_size=batch_size,
+        system=training_system(template),
+        **gen,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +219,16 @@ def run_task(
     todo = [s for s in samples if s.id not in done]
     skipped: list[str] = []
     if todo and model is not None:
-        with open(path, "a") if path else contextlib.nullcontext() as f, tqdm(
-            total=len(samples), initial=len(samples) - len(todo), unit="sample", desc=f"eval {task.name}",
-            disable=not progress,
-        ) as bar:
+        with (
+            open(path, "a") if path else contextlib.nullcontext() as f,
+            tqdm(
+                total=len(samples),
+                initial=len(samples) - len(todo),
+                unit="sample",
+                desc=f"eval {task.name}",
+                disable=not progress,
+            ) as bar,
+        ):
             if f is not None and _ends_without_newline(path):
                 f.write("\n")  # a line cut off by a kill stays on its own (unreadable) line
             for chunk in _batches(todo, batch_size):
@@ -225,9 +240,19 @@ def run_task(
                     except (OSError, ValueError) as e:  # missing / corrupt image: counted, skipped
                         log.warning("sample %s: cannot open its image (%s); skipped", s.id, e)
                         skipped.append(s.id)
-                answers = generate(model, tokenizer, template, [(im, s.prompt) for im, s in zip(images, ready)],
-                                   image_transform, batch_size=len(ready) or 1,
-                                   max_new_tokens=max_new_tokens or chunk[0].max_new_tokens) if ready else []  # fmt: skip
+                answers = (
+                    generate(
+                        model,
+                        tokenizer,
+                        template,
+                        [(im, s.prompt) for im, s in zip(images, ready)],
+                        image_transform,
+                        batch_size=len(ready) or 1,
+                        max_new_tokens=max_new_tokens or chunk[0].max_new_tokens,
+                    )
+                    if ready
+                    else []
+                )
                 for s, answer in zip(ready, answers):
                     rec = {"id": s.id, "prompt": s.prompt, "prediction": answer, "truth": s.truth}
                     if f is not None:
@@ -296,14 +321,25 @@ def evaluate(
 
             model, tokenizer = load_model(path, dtype=dtype, device=device)
             tmpl, transform = template or template_of(path), image_transform_for(model)
-        results[name] = run_task(task, samples, Path(out) / name, model, tokenizer, tmpl, transform,
-                                 batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress).metrics  # fmt: skip
+        results[name] = run_task(
+            task,
+            samples,
+            Path(out) / name,
+            model,
+            tokenizer,
+            tmpl,
+            transform,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        ).metrics
         del model
     rows = list(dict.fromkeys(r for m in results.values() for r in task.rows(m)))
     intro = [f"Task `{task.name}`: {task.description}; {len(samples)} prompts, greedy decoding.", ""]
     intro += [f"- `{name}`: `{path}`" for name, path in models.items()]
     if data:
         intro.append(f"- data: `{data}`")
-    write_report(f"Evaluation: {task.name}", results, rows, out, intro=intro,
-                 notes=task.notes(results) if task.notes else [])  # fmt: skip
+    write_report(
+        f"Evaluation: {task.name}", results, rows, out, intro=intro, notes=task.notes(results) if task.notes else []
+    )
     return results

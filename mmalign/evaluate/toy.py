@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mmalign.data import toyworld as tw
 from mmalign.evaluate.chair import SHORT_PROMPT, chair_counts, chair_scores
@@ -90,22 +91,36 @@ class ToyEval:
                 f.write(json.dumps(s) + "\n")
 
 
-def toy_samples(n_scenes: int = 200, split: str = "test", seed: int = 0,
-                describe_prompts: dict[str, str] | None = None) -> list[Sample]:  # fmt: skip
+def toy_samples(
+    n_scenes: int = 200, split: str = "test", seed: int = 0, describe_prompts: dict[str, str] | None = None
+) -> list[Sample]:
     """Every toy question about `n_scenes` held-out scenes, then a description of each per prompt."""
     rng = random.Random(seed)
     scenes = [tw.make_scene(s) for s in tw.split_seeds(split, n_scenes)]
-    image = lambda scene: (lambda: tw.render(scene))  # noqa: E731
+    image = lambda scene: lambda: tw.render(scene)  # noqa: E731
     out = []
     for scene in scenes:
         for k, qa in enumerate(tw.questions(scene, rng)):
-            out.append(Sample(f"qa/{scene.seed}/{k}", qa.question, image(scene),
-                              {"kind": qa.kind, "answer": qa.answer, "scene": scene.seed}, max_new_tokens=8))  # fmt: skip
+            out.append(
+                Sample(
+                    f"qa/{scene.seed}/{k}",
+                    qa.question,
+                    image(scene),
+                    {"kind": qa.kind, "answer": qa.answer, "scene": scene.seed},
+                    max_new_tokens=8,
+                )
+            )
     for name, prompt in (describe_prompts or DESCRIBE_PROMPTS).items():
         for scene in scenes:
-            out.append(Sample(f"describe_{name}/{scene.seed}", prompt, image(scene),
-                              {"kind": f"describe_{name}", "scene": scene.to_dict(), "listing": tw.listing(scene)},
-                              max_new_tokens=120))  # fmt: skip
+            out.append(
+                Sample(
+                    f"describe_{name}/{scene.seed}",
+                    prompt,
+                    image(scene),
+                    {"kind": f"describe_{name}", "scene": scene.to_dict(), "listing": tw.listing(scene)},
+                    max_new_tokens=120,
+                )
+            )
     return out
 
 
@@ -144,9 +159,12 @@ def toy_notes(by_model: dict[str, dict[str, Any]]) -> list[str]:
     names = list(by_model)
     if len(names) >= 2:
         a, b = by_model[names[0]], by_model[names[-1]]
-        for field, what in (("chair_i", "CHAIRi"), ("mean_words", "mean words"),
-                            ("repeated_sentence_rate", "repeated-sentence rate"),
-                            ("repeated_trigram_rate", "repeated-trigram rate")):  # fmt: skip
+        for field, what in (
+            ("chair_i", "CHAIRi"),
+            ("mean_words", "mean words"),
+            ("repeated_sentence_rate", "repeated-sentence rate"),
+            ("repeated_trigram_rate", "repeated-trigram rate"),
+        ):
             x, y = get(a, "describe_long", field), get(b, "describe_long", field)
             if x is not None and y is not None:
                 notes.append(f"- detailed prompt, {what}: {names[0]} {x:.3g} -> {names[-1]} {y:.3g}")
@@ -154,7 +172,9 @@ def toy_notes(by_model: dict[str, dict[str, Any]]) -> list[str]:
         lo, sh = get(m, "describe_long", "chair_i"), get(m, "describe_short", "chair_i")
         if lo is not None and sh is not None:
             verdict = "lower" if sh < lo else "not lower"
-            notes.append(f"- {name}: CHAIRi short prompt {sh:.1%} vs detailed {lo:.1%} ({verdict}; paper: 7.2% vs 9.6%)")
+            notes.append(
+                f"- {name}: CHAIRi short prompt {sh:.1%} vs detailed {lo:.1%} ({verdict}; paper: 7.2% vs 9.6%)"
+            )
     return notes if len(notes) > 2 else []
 
 
@@ -170,7 +190,9 @@ def _toy_rows(metrics: dict[str, Any]) -> list:
     return ROWS
 
 
-TASK = Task("toy", load_toy, score_toy, _toy_rows, "toy world: VQA per kind, presence F1, CHAIR long vs short", toy_notes)
+TASK = Task(
+    "toy", load_toy, score_toy, _toy_rows, "toy world: VQA per kind, presence F1, CHAIR long vs short", toy_notes
+)
 
 
 def evaluate_toy(

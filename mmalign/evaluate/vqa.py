@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mmalign.evaluate.runner import SHORT_ANSWER, Sample, Task, read_json, with_suffix
 
@@ -93,8 +94,6 @@ def vizwiz_answer(prediction: str) -> str:
 # files in each benchmark's published layout
 
 
-
-
 def _opener(path: Path) -> Callable:
     def open_image():
         from PIL import Image
@@ -104,8 +103,9 @@ def _opener(path: Path) -> Callable:
     return open_image
 
 
-def _samples(path: Path, rows: list[tuple[Any, Callable[[], tuple[str, str, Path, dict]]]], prompt_suffix: str,
-             limit: int | None) -> list[Sample]:  # fmt: skip
+def _samples(
+    path: Path, rows: list[tuple[Any, Callable[[], tuple[str, str, Path, dict]]]], prompt_suffix: str, limit: int | None
+) -> list[Sample]:
     """Build samples from (record id, thunk -> (sample id, question, image path, truth)); a
     record missing a field is logged with its file and id, counted and skipped."""
     out, bad = [], 0
@@ -139,8 +139,12 @@ def load_vqav2(data: Path | None, images: Path | None, options: dict[str, Any]) 
 
     def row(q):
         a = answers[q["question_id"]]
-        return (q["question_id"], q["question"], folder / f"COCO_{split}_{q['image_id']:012d}.jpg",
-                {"answers": [x["answer"] for x in a["answers"]], "answer_type": a.get("answer_type", "all")})  # fmt: skip
+        return (
+            q["question_id"],
+            q["question"],
+            folder / f"COCO_{split}_{q['image_id']:012d}.jpg",
+            {"answers": [x["answer"] for x in a["answers"]], "answer_type": a.get("answer_type", "all")},
+        )
 
     qs = read_json(data)["questions"]
     return _samples(data, [(q.get("question_id"), lambda q=q: row(q)) for q in qs], SHORT_ANSWER, options.get("limit"))
@@ -171,8 +175,11 @@ def load_vizwiz(data: Path | None, images: Path | None, options: dict[str, Any])
     folder = images or data.parent / "val"
 
     def row(q):
-        truth = {"answers": [a["answer"] for a in q["answers"]], "answerable": int(q.get("answerable", 1)),
-                 "answer_type": q.get("answer_type", "all")}  # fmt: skip
+        truth = {
+            "answers": [a["answer"] for a in q["answers"]],
+            "answerable": int(q.get("answerable", 1)),
+            "answer_type": q.get("answer_type", "all"),
+        }
         return q["image"], q["question"], folder / q["image"], truth
 
     qs = read_json(data)
@@ -206,8 +213,11 @@ def _by(records: list[dict[str, Any]], key: str, scores: list[float]) -> dict[st
 
 def score_soft(records: list[dict[str, Any]], answer: Callable[[str], str] = str.strip) -> dict[str, Any]:
     scores = [vqa_accuracy(answer(r["prediction"]), r["truth"]["answers"]) for r in records]
-    return {"accuracy": sum(scores) / len(scores) if scores else 0.0, "n": len(scores),
-            "by_answer_type": _by(records, "answer_type", scores)}  # fmt: skip
+    return {
+        "accuracy": sum(scores) / len(scores) if scores else 0.0,
+        "n": len(scores),
+        "by_answer_type": _by(records, "answer_type", scores),
+    }
 
 
 def score_vizwiz(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -215,10 +225,12 @@ def score_vizwiz(records: list[dict[str, Any]]) -> dict[str, Any]:
     and how many truly unanswerable questions it flags."""
     said = [vizwiz_answer(r["prediction"]) == "unanswerable" for r in records]
     truly = [not r["truth"]["answerable"] for r in records]
-    return score_soft(records, vizwiz_answer) | {"unanswerable": {
-        "said_unanswerable_rate": sum(said) / len(records) if records else 0.0,
-        "recall": sum(s and t for s, t in zip(said, truly)) / sum(truly) if any(truly) else 0.0,
-    }}  # fmt: skip
+    return score_soft(records, vizwiz_answer) | {
+        "unanswerable": {
+            "said_unanswerable_rate": sum(said) / len(records) if records else 0.0,
+            "recall": sum(s and t for s, t in zip(said, truly)) / sum(truly) if any(truly) else 0.0,
+        }
+    }
 
 
 def score_exact(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -230,8 +242,10 @@ def _rows_soft(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], str]
     rows = [("accuracy", ("accuracy",), "{:.1%}")]
     rows += [(f"accuracy, {t}", ("by_answer_type", t), "{:.1%}") for t in metrics.get("by_answer_type", {})]
     if "unanswerable" in metrics:
-        rows += [("says unanswerable", ("unanswerable", "said_unanswerable_rate"), "{:.1%}"),
-                 ("unanswerable recall", ("unanswerable", "recall"), "{:.1%}")]  # fmt: skip
+        rows += [
+            ("says unanswerable", ("unanswerable", "said_unanswerable_rate"), "{:.1%}"),
+            ("unanswerable recall", ("unanswerable", "recall"), "{:.1%}"),
+        ]
     return rows
 
 

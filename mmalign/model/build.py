@@ -364,8 +364,10 @@ def quantization_config(config: PreTrainedConfig, load_in: str, device: str | to
         text = config.get_text_config()
         widths = {"hidden_size": text.hidden_size, "intermediate_size": getattr(text, "intermediate_size", 0)}
         if bad := {k: v for k, v in widths.items() if v % 64}:
-            raise ValueError(f"4bit on CPU (bitsandbytes NF4) needs LLM widths divisible by 64, got {bad}; "
-                             "use load_in='8bit' (torchao int8) or a CUDA device")  # fmt: skip
+            raise ValueError(
+                f"4bit on CPU (bitsandbytes NF4) needs LLM widths divisible by 64, got {bad}; "
+                "use load_in='8bit' (torchao int8) or a CUDA device"
+            )
     if cpu and load_in == "8bit":
         from torchao.quantization import Int8WeightOnlyConfig
         from transformers import TorchAoConfig
@@ -375,8 +377,13 @@ def quantization_config(config: PreTrainedConfig, load_in: str, device: str | to
 
     if load_in == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              llm_int8_skip_modules=skip, bnb_4bit_compute_dtype=dtype or torch.float16)  # fmt: skip
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=skip,
+        bnb_4bit_compute_dtype=dtype or torch.float16,
+    )
 
 
 def load_model(

@@ -19,9 +19,10 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -91,7 +92,7 @@ MINIGPT4_RENAMES: tuple[Rename, ...] = (
     Rename("llama_proj.{p}", "{projector}{p}"),
     Rename("model.{rest}", "{text}{rest}"),  # the Vicuna / Llama-2 folder (HF LlamaForCausalLM names)
     Rename("lm_head.weight", "{lm_head}"),
-)  # fmt: skip
+)
 
 # Present in the original files, deliberately unused (as the originals leave them unused).
 MINIGPT4_IGNORED: dict[str, str] = {
@@ -120,13 +121,25 @@ LLAVA_TEXT_TYPES = {  # config.json `architectures` -> the text model inside
 LLAVA_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}  # mm_vision_select_feature -> HF strategy
 
 PREFIXES = {  # where each part lives in the target class
-    "blip-2": dict(vision="vision_model.", projector="language_projection.",
-                   text="language_model.model.", lm_head="language_model.lm_head.weight"),
-    "minigpt4_patch": dict(vision="model.vision_tower.", projector="model.multi_modal_projector.linear.",
-                           text="model.language_model.", lm_head="lm_head.weight"),
-    "llava": dict(vision="model.vision_tower.", projector="model.multi_modal_projector.",
-                  text="model.language_model.", lm_head="lm_head.weight"),
-}  # fmt: skip
+    "blip-2": dict(
+        vision="vision_model.",
+        projector="language_projection.",
+        text="language_model.model.",
+        lm_head="language_model.lm_head.weight",
+    ),
+    "minigpt4_patch": dict(
+        vision="model.vision_tower.",
+        projector="model.multi_modal_projector.linear.",
+        text="model.language_model.",
+        lm_head="lm_head.weight",
+    ),
+    "llava": dict(
+        vision="model.vision_tower.",
+        projector="model.multi_modal_projector.",
+        text="model.language_model.",
+        lm_head="lm_head.weight",
+    ),
+}
 
 EVA_HEADS = {1408: 16}  # EVA ViT-g: 1408 // 88 heads; head counts are not visible in tensor shapes
 QFORMER_HEADS = {768: 12}  # BERT-base
@@ -269,7 +282,7 @@ def _read_folder(src: str, names: list[str] | None = None, what: str = "") -> Te
     for n in names:
         by_file.setdefault(ckpt.weight_map[n], []).append(n)
     out: Tensors = {}
-    for file, keys in tqdm(sorted(by_file.items()), desc=f"reading {what or src}", disable=len(by_file) < 2):
+    for _file, keys in tqdm(sorted(by_file.items()), desc=f"reading {what or src}", disable=len(by_file) < 2):
         out.update(ckpt.read(keys))
     return out
 
@@ -292,9 +305,16 @@ def _eva_config(t: Mapping[str, torch.Tensor], prefix: str, layers: int, heads: 
     if fc1 is None:
         raise ConversionError("missing tensor: visual_encoder.blocks.0.mlp.fc1.weight")
     return Blip2VisionConfig(
-        hidden_size=width, intermediate_size=fc1.shape[0], num_hidden_layers=layers, num_attention_heads=heads,
-        image_size=grid * patch, patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True,
-    )  # fmt: skip
+        hidden_size=width,
+        intermediate_size=fc1.shape[0],
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=grid * patch,
+        patch_size=patch,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+    )
 
 
 def _qformer_config(t: Mapping[str, torch.Tensor], encoder_width: int, heads: int | None) -> Blip2QFormerConfig:
@@ -312,14 +332,27 @@ def _qformer_config(t: Mapping[str, torch.Tensor], encoder_width: int, heads: in
     if heads is None:
         raise ConversionError(f"Q-Former of width {width}: give its number of attention heads (--qformer-heads)")
     return Blip2QFormerConfig(
-        hidden_size=width, num_hidden_layers=len(layers), num_attention_heads=heads,
+        hidden_size=width,
+        num_hidden_layers=len(layers),
+        num_attention_heads=heads,
         intermediate_size=t["qformer.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
-        cross_attention_frequency=freq, encoder_hidden_size=encoder_width, layer_norm_eps=1e-12,
-    )  # fmt: skip
+        cross_attention_frequency=freq,
+        encoder_hidden_size=encoder_width,
+        layer_norm_eps=1e-12,
+    )
 
 
-_LLAVA_FIELDS = {"model_type", "architectures", "_name_or_path", "transformers_version", "use_mm_proj",
-                 "image_aspect_ratio", "image_grid_pinpoints", "tokenizer_padding_side", "tokenizer_model_max_length"}
+_LLAVA_FIELDS = {
+    "model_type",
+    "architectures",
+    "_name_or_path",
+    "transformers_version",
+    "use_mm_proj",
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "tokenizer_padding_side",
+    "tokenizer_model_max_length",
+}
 _LLAVA_FIELD = re.compile(r"mm_|tune_mm|freeze_mm|unfreeze_mm")
 
 
@@ -399,9 +432,13 @@ def _tokenizer(src: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 
 
 def _write(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: str | Path, template: str,
-    max_shard_size: int | str | None, sources: dict[str, Any],
-) -> Path:  # fmt: skip
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    out: str | Path,
+    template: str,
+    max_shard_size: int | str | None,
+    sources: dict[str, Any],
+) -> Path:
     out = export(model, tok, out, template=template, max_shard_size=max_shard_size)
     meta = json.loads((out / MMALIGN_META).read_text())
     meta["converted_from"] = {k: str(v) for k, v in sources.items() if v is not None}
@@ -443,7 +480,11 @@ def convert_minigpt4(
     Template default: ``minigpt4_v0`` (Vicuna) / ``llama2``.
     """
     for path in (projection, blip2, vit):  # a mistyped checkpoint file is not a hub id
-        if path is not None and str(path).endswith((".pth", ".pt", ".bin", ".safetensors")) and not Path(path).is_file():
+        if (
+            path is not None
+            and str(path).endswith((".pth", ".pt", ".bin", ".safetensors"))
+            and not Path(path).is_file()
+        ):
             raise ConversionError(f"{path}: no such file")
     hf_blip2 = blip2 is not None and not Path(blip2).is_file()
     if blip2 is None and vit is None:
@@ -457,8 +498,16 @@ def convert_minigpt4(
     if hf_blip2:
         tensors.update(_read_hf_blip2(str(blip2), origin))
     tok = _tokenizer(tokenizer if tokenizer is not None else llm)
-    config = _minigpt4_config(arch, tensors, str(blip2) if hf_blip2 else None, AutoConfig.from_pretrained(llm),
-                              tok.convert_tokens_to_ids(IMAGE_TOKEN), vit_layers, vit_heads, qformer_heads)  # fmt: skip
+    config = _minigpt4_config(
+        arch,
+        tensors,
+        str(blip2) if hf_blip2 else None,
+        AutoConfig.from_pretrained(llm),
+        tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vit_layers,
+        vit_heads,
+        qformer_heads,
+    )
     cls = Blip2ForConditionalGeneration if arch == "blip-2" else MiniGPT4PatchForConditionalGeneration
     model = _skeleton(cls, config)
     back = lambda n: original_name(n, MINIGPT4_RENAMES, prefixes)  # noqa: E731
@@ -502,9 +551,15 @@ def _read_hf_blip2(src: str, origin: dict[str, str]) -> Tensors:
 
 
 def _minigpt4_config(
-    arch: str, t: Tensors, hf_blip2: str | None, text_cfg: PreTrainedConfig, image_id: int,
-    vit_layers: int, vit_heads: int | None, qformer_heads: int | None,
-) -> PreTrainedConfig:  # fmt: skip
+    arch: str,
+    t: Tensors,
+    hf_blip2: str | None,
+    text_cfg: PreTrainedConfig,
+    image_id: int,
+    vit_layers: int,
+    vit_heads: int | None,
+    qformer_heads: int | None,
+) -> PreTrainedConfig:
     """The target config: vision / Q-Former sub-configs from a Blip2 folder or from tensor shapes."""
     v = PREFIXES[arch]["vision"]
     if hf_blip2 is not None:
@@ -520,8 +575,14 @@ def _minigpt4_config(
         if v + "post_layernorm.weight" not in t:  # MiniGPT-4 Llama-2 leaves ln_vision at its init
             t[v + "post_layernorm.weight"] = torch.ones(vcfg.hidden_size)
             t[v + "post_layernorm.bias"] = torch.zeros(vcfg.hidden_size)
-        config = MiniGPT4PatchConfig(vision_config=vcfg, text_config=text_cfg, image_token_index=image_id,
-                                     vision_feature_layer=None, merge_tokens=4, patch_merge="sequential")  # fmt: skip
+        config = MiniGPT4PatchConfig(
+            vision_config=vcfg,
+            text_config=text_cfg,
+            image_token_index=image_id,
+            vision_feature_layer=None,
+            merge_tokens=4,
+            patch_merge="sequential",
+        )
         config.image_seq_length = num_image_tokens(config)
         return config
     if hf_blip2 is None:
@@ -529,8 +590,13 @@ def _minigpt4_config(
             raise ConversionError("missing tensor: query_tokens (not in the blip2 file)")
         qcfg, n_query = _qformer_config(t, vcfg.hidden_size, qformer_heads), t["query_tokens"].shape[1]
     qcfg.encoder_hidden_size = vcfg.hidden_size
-    config = Blip2Config(vision_config=vcfg, qformer_config=qcfg, text_config=text_cfg, num_query_tokens=n_query,
-                         image_token_index=image_id)  # fmt: skip
+    config = Blip2Config(
+        vision_config=vcfg,
+        qformer_config=qcfg,
+        text_config=text_cfg,
+        num_query_tokens=n_query,
+        image_token_index=image_id,
+    )
     config.use_decoder_only_language_model = True
     return config
 
@@ -569,10 +635,13 @@ def convert_llava(
 
     tok = _tokenizer(tokenizer if tokenizer is not None else checkpoint)
     config = LlavaConfig(
-        vision_config=vcfg, text_config=text_cfg, image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=raw["mm_vision_select_layer"], vision_feature_select_strategy=strategy,
+        vision_config=vcfg,
+        text_config=text_cfg,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=raw["mm_vision_select_layer"],
+        vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu",
-    )  # fmt: skip
+    )
     config.image_seq_length = num_image_tokens(config)
     model = _skeleton(LlavaForConditionalGeneration, config)
 

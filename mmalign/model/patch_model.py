@@ -183,9 +183,7 @@ class MiniGPT4PatchForConditionalGeneration(MiniGPT4PatchPreTrainedModel, LlavaF
 
 AutoConfig.register(MiniGPT4PatchConfig.model_type, MiniGPT4PatchConfig, exist_ok=True)
 AutoModel.register(MiniGPT4PatchConfig, MiniGPT4PatchModel, exist_ok=True)
-AutoModelForImageTextToText.register(
-    MiniGPT4PatchConfig, MiniGPT4PatchForConditionalGeneration, exist_ok=True
-)
+AutoModelForImageTextToText.register(MiniGPT4PatchConfig, MiniGPT4PatchForConditionalGeneration, exist_ok=True)
 
 __all__ = [
     "MiniGPT4PatchConfig",

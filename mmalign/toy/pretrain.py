@@ -167,7 +167,10 @@ def encode_text_example(tokenizer, scene: tw.Scene, rng: random.Random) -> dict:
     if slots:
         first = turns[0]["content"].split(" </Img> ", 1)[1]
         turns[0] = {"role": "user", "content": user_with_image("minigpt4_v0", first)}
-        return {**encode_conversation(tokenizer, get_template("minigpt4_v0"), turns, len(slots), system=system), "slots": slots}
+        return {
+            **encode_conversation(tokenizer, get_template("minigpt4_v0"), turns, len(slots), system=system),
+            "slots": slots,
+        }
     return encode_conversation(tokenizer, get_template("minigpt4_v0"), turns, 0, system=system)
 
 
@@ -252,13 +255,20 @@ def text_only_gate(model, tokenizer, n_scenes: int = 150, seed: int = 1, form: s
                 turns = [{"role": "user", "content": user_with_image(template, qa.question)}]
             else:
                 turns = [{"role": "user", "content": f"{scene_in_words(scene, rng)} {qa.question}"}]
-            prompts.append(build_generation_prompt(tokenizer, template, turns, len(tw.POSITIONS) if slots else 0, system=None))
+            prompts.append(
+                build_generation_prompt(tokenizer, template, turns, len(tw.POSITIONS) if slots else 0, system=None)
+            )
         n = max(map(len, prompts))
         ids = torch.tensor([[tokenizer.pad_token_id] * (n - len(p)) + p for p in prompts])
         mask = (torch.arange(n)[None] >= torch.tensor([n - len(p) for p in prompts])[:, None]).long()
         embeds = embed_with_slots(model, ids, slots or [None] * len(ids), image_id)
-        out = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        out = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         for row, qa in zip(out, qas):
             text = strip_stop(tokenizer.decode(row, skip_special_tokens=True), template).strip()
             hits.setdefault(qa.kind, []).append(int(text == qa.answer))
@@ -348,7 +358,6 @@ def image_processor():
 def _pixels(images) -> torch.Tensor:
     """Fast path for the toy (already 48 px): CLIP mean / std normalisation, same as the processor."""
     import numpy as np
-
     from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images]))
@@ -362,11 +371,19 @@ def train_vision(out: Path, minutes: float, batch_size: int = 128, lr: float = 1
     torch.manual_seed(seed)
     tokenizer = load_tokenizer()
     text_cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-    )  # fmt: skip
-    clip = CLIPModel(CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_config().to_dict(), projection_dim=128))
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    clip = CLIPModel(
+        CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_config().to_dict(), projection_dim=128)
+    )
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.05)
     rng = random.Random(seed)
     seeds = iter(range(10**9))
@@ -404,8 +421,12 @@ def retrieval_top1(clip, tokenizer, n: int = 300) -> float:
     scenes = [tw.make_scene(s) for s in tw.split_seeds("val", n)]
     texts = [tw.listing(s) + " </s>" for s in scenes]
     enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-    img = F.normalize(clip.get_image_features(pixel_values=_pixels([tw.render(s) for s in scenes])).pooler_output, dim=-1)
-    txt = F.normalize(clip.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask).pooler_output, dim=-1)
+    img = F.normalize(
+        clip.get_image_features(pixel_values=_pixels([tw.render(s) for s in scenes])).pooler_output, dim=-1
+    )
+    txt = F.normalize(
+        clip.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask).pooler_output, dim=-1
+    )
     clip.train()
     return (img @ txt.T).argmax(-1).eq(torch.arange(n)).float().mean().item()
 

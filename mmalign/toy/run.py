@@ -58,10 +58,21 @@ def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = ()) ->
     out.mkdir(parents=True, exist_ok=True)
     data = write_toy_data(out / "data", *((512, 256) if quick else ()))
     steps = ["train.max_steps=4", "train.save_every=2"] if quick else []
-    cfg1 = load_config(CONFIGS / "toy_stage1.yaml", [f"data.path={data['stage1']}", f"train.output_dir={out / 'stage1'}", *steps, *overrides])
+    cfg1 = load_config(
+        CONFIGS / "toy_stage1.yaml",
+        [f"data.path={data['stage1']}", f"train.output_dir={out / 'stage1'}", *steps, *overrides],
+    )
     ckpt1 = train(cfg1)
-    cfg2 = load_config(CONFIGS / "toy_stage2.yaml",
-                       [f"data.path={data['stage2']}", f"train.output_dir={out / 'stage2'}", f"model.init_trainable={ckpt1}", *steps, *overrides])  # fmt: skip
+    cfg2 = load_config(
+        CONFIGS / "toy_stage2.yaml",
+        [
+            f"data.path={data['stage2']}",
+            f"train.output_dir={out / 'stage2'}",
+            f"model.init_trainable={ckpt1}",
+            *steps,
+            *overrides,
+        ],
+    )
     ckpt2 = train(cfg2)
 
     results = {}
@@ -72,7 +83,9 @@ def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = ()) ->
         folder = out / f"model-{stage}"
         export(model, tokenizer, folder, image_processor=image_processor_for(model), template=cfg2.data.template)
         model, tokenizer = load_model(folder)  # evaluate what users get: the exported folder
-        results[stage] = evaluate_toy(model, tokenizer, cfg2.data.template, image_transform_for(model), n_scenes=n_scenes)
+        results[stage] = evaluate_toy(
+            model, tokenizer, cfg2.data.template, image_transform_for(model), n_scenes=n_scenes
+        )
         results[stage].save(out / f"eval-{stage}")
     report = write_toy_report({k: v.metrics for k, v in results.items()}, out, minutes=(time.time() - t0) / 60)
     print(report)

@@ -64,7 +64,9 @@ def make_accelerator(tc: TrainConfig, out: Path) -> tuple[Accelerator, int]:
     active = {str(t.value if hasattr(t, "value") else t) for t in accelerator.log_with}
     missing = [t for t in trackers if t not in active]
     if missing:  # accelerate drops a tracker whose package is missing with only a debug message
-        raise ValueError(f"train.report_to: {missing} not installed here; pip install -e '.[track]' (tensorboard, wandb)")
+        raise ValueError(
+            f"train.report_to: {missing} not installed here; pip install -e '.[track]' (tensorboard, wandb)"
+        )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # we build our own DataLoader (resumable, rank-split), so DeepSpeed's "auto" batch
         # fields cannot be filled from a prepared one: fill them from the config
@@ -81,8 +83,14 @@ def make_accelerator(tc: TrainConfig, out: Path) -> tuple[Accelerator, int]:
     if accelerator.is_main_process:
         log.info(
             "engine %s, %d process(es): global batch %d = %d per device x %d accumulation x %d process(es)%s",
-            accelerator.distributed_type.value, world, global_batch, tc.batch_size, accum, world, note,
-        )  # fmt: skip
+            accelerator.distributed_type.value,
+            world,
+            global_batch,
+            tc.batch_size,
+            accum,
+            world,
+            note,
+        )
     return accelerator, accum
 
 
@@ -170,5 +178,10 @@ def load_optimizer(accelerator: Accelerator, model, optimizer, folder: Path, sta
 
         load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(engine_dir))
     else:
-        model.load_checkpoint(str(engine_dir), tag="state", load_module_strict=False,
-                              load_optimizer_states=True, load_lr_scheduler_states=False)  # fmt: skip
+        model.load_checkpoint(
+            str(engine_dir),
+            tag="state",
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )

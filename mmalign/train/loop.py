@@ -18,8 +18,9 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,9 +61,14 @@ class ResumableSampler(Sampler[int]):
     `start` counts this rank's batches already consumed in the epoch."""
 
     def __init__(
-        self, n: int, seed: int, batch_size: int = 1, rank: int = 0, world: int = 1,
+        self,
+        n: int,
+        seed: int,
+        batch_size: int = 1,
+        rank: int = 0,
+        world: int = 1,
         order: Callable[[int], list[int]] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """``order``: epoch -> a permutation of all indices (e.g. length-grouped); default a seeded shuffle."""
         self.n, self.seed, self.batch_size, self.rank, self.world = n, seed, batch_size, rank, world
         self.order = order
@@ -213,9 +219,11 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
             model.enable_input_require_grads()  # LLM frozen / LoRA: keep the graph from the embeddings
     half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]
     if half and tc.mixed_precision == "no":
-        raise ValueError(f"model.dtype={cfg.model.dtype} trains {half[0]} (and {len(half) - 1} more) in half precision, "
-                         "where AdamW's updates vanish or turn NaN: set train.mixed_precision=fp16|bf16 "
-                         "(trainable weights are then kept in float32)")  # fmt: skip
+        raise ValueError(
+            f"model.dtype={cfg.model.dtype} trains {half[0]} (and {len(half) - 1} more) in half precision, "
+            "where AdamW's updates vanish or turn NaN: set train.mixed_precision=fp16|bf16 "
+            "(trainable weights are then kept in float32)"
+        )
     if tc.mixed_precision != "no" and engine == "replicated":
         for p in model.parameters():  # autocast computes in half; the weights AdamW updates stay float32
             if p.requires_grad and p.dtype != torch.float32:
@@ -223,12 +231,23 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
 
     n_img = num_image_tokens(model.config)
-    dataset = dataset_from_config(cfg.data, tokenizer, n_img, image_transform_for(model), seed=tc.seed,
-                                  batch_size=tc.batch_size, rank=rank, world=world)  # fmt: skip
+    dataset = dataset_from_config(
+        cfg.data,
+        tokenizer,
+        n_img,
+        image_transform_for(model),
+        seed=tc.seed,
+        batch_size=tc.batch_size,
+        rank=rank,
+        world=world,
+    )
     streamed = isinstance(dataset, IterableDataset)
     grouped = sampler_from_config(cfg.data, dataset, tc.batch_size, world_size=world, seed=tc.seed)
-    sampler = None if streamed else ResumableSampler(len(dataset), tc.seed, tc.batch_size, rank, world,
-                                                     order=grouped and grouped.epoch_order)  # fmt: skip
+    sampler = (
+        None
+        if streamed
+        else ResumableSampler(len(dataset), tc.seed, tc.batch_size, rank, world, order=grouped and grouped.epoch_order)
+    )
     pad_id = tokenizer.pad_token_id
     position = {"epoch": 0, "consumed": 0}  # this rank's batches consumed in the current epoch
 
@@ -244,17 +263,24 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
         else:
             sampler.epoch, sampler.start = position["epoch"], position["consumed"]
         return DataLoader(
-            dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-            collate_fn=lambda b: collate(b, pad_id), drop_last=False,
+            dataset,
+            batch_size=tc.batch_size,
+            sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            collate_fn=lambda b: collate(b, pad_id),
+            drop_last=False,
             generator=torch.Generator().manual_seed(tc.seed + position["epoch"] + 1000 * rank),
-        )  # fmt: skip
+        )
 
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay, _role_lrs(tc)), lr=tc.lr, betas=tuple(tc.betas))
     warmup = tc.warmup_steps or int(tc.warmup_ratio * tc.max_steps)
     scheduler = get_scheduler(
-        "cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=tc.max_steps,
+        "cosine_with_min_lr",
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=tc.max_steps,
         scheduler_specific_kwargs={"min_lr": tc.min_lr},
-    )  # fmt: skip
+    )
 
     step, rng = 0, None
     ckpt = latest_checkpoint(out) if tc.resume else None
@@ -289,8 +315,9 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
         metrics = open(metrics_path, "a")
         if accelerator.log_with:
             accelerator.init_trackers(tc.stage, config=_flat_config(cfg))
-    bar = tqdm(total=tc.max_steps, initial=step, desc=f"train {tc.stage}", unit="step", dynamic_ncols=True,
-               disable=not main)  # fmt: skip
+    bar = tqdm(
+        total=tc.max_steps, initial=step, desc=f"train {tc.stage}", unit="step", dynamic_ncols=True, disable=not main
+    )
     _modes(model, frozen, tc.gradient_checkpointing)
     batches = iter(loader())
     had_batch = position["consumed"] > 0  # this epoch gave a usable batch (a resumed epoch did)
@@ -302,9 +329,11 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
             while batch is _END or batch is None:
                 if batch is _END:  # end of an epoch: reshuffle with the next epoch's seed
                     if not had_batch:
-                        raise RuntimeError(f"rank {rank}: epoch {position['epoch']} gave no usable batch (no data for "
-                                           "this rank, or every sample skipped: see the log) - stopping instead of "
-                                           "spinning while other ranks wait")  # fmt: skip
+                        raise RuntimeError(
+                            f"rank {rank}: epoch {position['epoch']} gave no usable batch (no data for "
+                            "this rank, or every sample skipped: see the log) - stopping instead of "
+                            "spinning while other ranks wait"
+                        )
                     position["epoch"], position["consumed"], had_batch = position["epoch"] + 1, 0, False
                     batches = iter(loader())
                 else:  # every sample of this batch was skipped (and counted)
@@ -318,8 +347,10 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
             with accelerator.accumulate(model):
                 loss = model(**inputs).loss
                 accelerator.backward(loss)  # divides by the accumulation steps
-            sums += torch.tensor([loss.item() / accum, int((batch["labels"] != -100).sum()), len(batch["input_ids"])],
-                                 dtype=torch.float64)  # fmt: skip
+            sums += torch.tensor(
+                [loss.item() / accum, int((batch["labels"] != -100).sum()), len(batch["input_ids"])],
+                dtype=torch.float64,
+            )
         grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
         optimizer.step()
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
@@ -331,8 +362,14 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
         elapsed = time.time() - t_start
         loss_mean = float(total[0]) / world
         lr = scheduler.get_last_lr()[0]
-        rec = {"step": step, "loss": round(loss_mean, 5), "lr": lr, "grad_norm": round(_to_float(grad_norm), 4),
-               "answer_tokens": int(total[1]), "samples_per_s": round(samples / max(elapsed, 1e-9), 2)}  # fmt: skip
+        rec = {
+            "step": step,
+            "loss": round(loss_mean, 5),
+            "lr": lr,
+            "grad_norm": round(_to_float(grad_norm), 4),
+            "answer_tokens": int(total[1]),
+            "samples_per_s": round(samples / max(elapsed, 1e-9), 2),
+        }
         bar.update(1)
         bar.set_postfix(loss=f"{loss_mean:.3f}", lr=f"{lr:.2e}", sps=rec["samples_per_s"])
         if main and (step % tc.log_every == 0 or step == tc.max_steps):
@@ -402,8 +439,14 @@ def _resume_position(ckpt: Path, state: dict, position: dict, rank: int, world: 
             f"multiple of batch_size {tc.batch_size} x {world} processes; resume with the old layout"
         )
     position["epoch"], position["consumed"] = state["epoch"], seen // (tc.batch_size * world)
-    log.warning("%s: %d -> %d processes; continuing at sample %d of epoch %d with fresh RNG streams",
-                ckpt, saved_world, world, seen, state["epoch"])  # fmt: skip
+    log.warning(
+        "%s: %d -> %d processes; continuing at sample %d of epoch %d with fresh RNG streams",
+        ckpt,
+        saved_world,
+        world,
+        seen,
+        state["epoch"],
+    )
     return None
 
 
@@ -434,10 +477,16 @@ def _save(
         model_type = getattr(raw.config, "model_type", None)
         save_tensors(tensors, tmp, model_type, extra={"step": step, "config": to_dict(cfg)})
         torch.save(
-            {"optimizer": optim_state, "scheduler": scheduler.state_dict(), "step": step, **position,
-             "world_size": accelerator.num_processes, "batch_size": cfg.train.batch_size},
+            {
+                "optimizer": optim_state,
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                **position,
+                "world_size": accelerator.num_processes,
+                "batch_size": cfg.train.batch_size,
+            },
             tmp / STATE_FILE,
-        )  # fmt: skip
+        )
     accelerator.wait_for_everyone()
     if main:
         shutil.rmtree(ckpt, ignore_errors=True)

@@ -59,8 +59,9 @@ def apply_lora(model: nn.Module, tc: TrainConfig):
             f"train.trainable={tc.trainable!r} trains LLM layers that LoRA adapts ({clash[:3]} ...): "
             "use a policy without the LLM (e.g. projector) together with train.lora_r"
         )
-    config = LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
-                        target_modules=targets, bias="none")  # fmt: skip
+    config = LoraConfig(
+        r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout, target_modules=targets, bias="none"
+    )
     peft_model = get_peft_model(model, config)  # marks only the adapters trainable ...
     params = dict(model.named_parameters())
     for name in keep:  # ... so the policy's own trainable parts are switched back on

@@ -201,8 +201,16 @@ def test_demo_command_passes_its_options(monkeypatch, tmp_path):
     monkeypatch.setattr(demo_mod, "load_demo_model", lambda path, **kw: calls.update(path=path, **kw) or "dm")
     monkeypatch.setattr(demo_mod, "launch", lambda dm, **kw: calls.update(dm=dm, **kw))
     main(["demo", "--model", str(tmp_path), "--port", "7999", "--host", "0.0.0.0"])
-    assert calls == {"path": str(tmp_path), "template": None, "dtype": "float32", "device": "cpu",
-                     "dm": "dm", "host": "0.0.0.0", "port": 7999, "share": False}  # fmt: skip
+    assert calls == {
+        "path": str(tmp_path),
+        "template": None,
+        "dtype": "float32",
+        "device": "cpu",
+        "dm": "dm",
+        "host": "0.0.0.0",
+        "port": 7999,
+        "share": False,
+    }
     main(["demo", "--share"])
     assert calls["path"] is None and calls["share"] is True
 

@@ -28,12 +28,15 @@ def _items(text_only: bool = True):
         (img((20, 20, 200)), q("Please provide a detailed description of the picture. Could you describe it?")),
         (None, [{"role": "user", "content": "How many shapes are there?"}]),
         (img((20, 180, 20)), q("Describe this image in detail.")),
-        (img((240, 220, 20)), [
-            {"role": "user", "content": user_with_image(TEMPLATE, "What color is the circle?")},
-            {"role": "assistant", "content": "It is red."},
-            {"role": "user", "content": "And the square?"},
-        ]),
-    ]  # fmt: skip
+        (
+            img((240, 220, 20)),
+            [
+                {"role": "user", "content": user_with_image(TEMPLATE, "What color is the circle?")},
+                {"role": "assistant", "content": "It is red."},
+                {"role": "user", "content": "And the square?"},
+            ],
+        ),
+    ]
     return items if text_only else [it for it in items if it[0] is not None]
 
 
@@ -98,8 +101,10 @@ def _rows(model, tok, items, **kw):
 
     transform = image_transform_for(model)
     n = num_image_tokens(model.config)
-    return [Row(build_generation_prompt(tok, TEMPLATE, turns, n, system=None), [transform(im)] if im else [], **kw)
-            for im, turns in items]  # fmt: skip
+    return [
+        Row(build_generation_prompt(tok, TEMPLATE, turns, n, system=None), [transform(im)] if im else [], **kw)
+        for im, turns in items
+    ]
 
 
 def test_rows_in_one_batch_answer_as_they_do_alone(tiny):

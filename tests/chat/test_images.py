@@ -12,8 +12,14 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from mmalign.chat.images import (ImageError, ImagePolicy, _CheckedRedirects, check_remote_url, decode_image,
-                                 load_image_url)
+from mmalign.chat.images import (
+    ImageError,
+    ImagePolicy,
+    _CheckedRedirects,
+    check_remote_url,
+    decode_image,
+    load_image_url,
+)
 
 
 def png(size=(20, 10), mode="RGB") -> bytes:
@@ -114,8 +120,11 @@ def test_remote_fetch_only_when_allowed_and_limited(files):
     with pytest.raises(ImageError):
         load_image_url(files + "/ok.png")  # refused by default
     assert load_image_url(files + "/ok.png", allow).size == (20, 10)
-    for path, code in [("/big.png", "image_too_large"), ("/missing.png", "image_fetch_failed"),
-                       ("/slow.png", "image_fetch_timeout")]:  # fmt: skip
+    for path, code in [
+        ("/big.png", "image_too_large"),
+        ("/missing.png", "image_fetch_failed"),
+        ("/slow.png", "image_fetch_timeout"),
+    ]:
         t0 = time.monotonic()
         with pytest.raises(ImageError) as e:
             load_image_url(files + path, allow)
@@ -128,8 +137,14 @@ def test_hosts_without_a_public_address_are_refused(files):
     with pytest.raises(ImageError, match="not a public address") as e:
         load_image_url(files + "/ok.png", allow)  # the local server is on loopback
     assert e.value.code == "image_host_refused"
-    for url in ["http://localhost/x.png", "http://10.1.2.3/x.png", "http://169.254.169.254/latest",
-                "http://[::1]:8080/x.png", "http://[::ffff:192.168.0.1]/x.png", "http://0.0.0.0/x.png"]:  # fmt: skip
+    for url in [
+        "http://localhost/x.png",
+        "http://10.1.2.3/x.png",
+        "http://169.254.169.254/latest",
+        "http://[::1]:8080/x.png",
+        "http://[::ffff:192.168.0.1]/x.png",
+        "http://0.0.0.0/x.png",
+    ]:
         with pytest.raises(ImageError) as e:
             check_remote_url(url, allow)
         assert e.value.code == "image_host_refused", url
@@ -140,9 +155,11 @@ def test_every_redirect_hop_is_checked(files):
     allow = ImagePolicy(allow_remote=True, timeout_s=0.5)
     handler = _CheckedRedirects(allow)
     req = urllib.request.Request("http://8.8.8.8/a.png")
-    for location, code in [("ftp://8.8.8.8/cat.png", "unsupported_image_url"),
-                           ("http://127.0.0.1/cat.png", "image_host_refused"),
-                           ("//10.0.0.1/cat.png", "image_host_refused")]:  # fmt: skip
+    for location, code in [
+        ("ftp://8.8.8.8/cat.png", "unsupported_image_url"),
+        ("http://127.0.0.1/cat.png", "image_host_refused"),
+        ("//10.0.0.1/cat.png", "image_host_refused"),
+    ]:
         with pytest.raises(ImageError) as e:
             handler.redirect_request(req, None, 302, "Found", {}, location)
         assert e.value.code == code, location

@@ -91,8 +91,16 @@ def toy():
 @pytest.fixture(scope="module")
 def server(toy):
     model, tok = toy
-    app = create_app(model, tok, TEMPLATE, image_transform_for(model), model_name="toy", max_batch_size=16,
-                     batch_wait_s=0.1, images=ImagePolicy(max_pixels=MAX_PIXELS))  # fmt: skip
+    app = create_app(
+        model,
+        tok,
+        TEMPLATE,
+        image_transform_for(model),
+        model_name="toy",
+        max_batch_size=16,
+        batch_wait_s=0.1,
+        images=ImagePolicy(max_pixels=MAX_PIXELS),
+    )
     s = Server(app)
     yield s
     s.close()
@@ -165,8 +173,12 @@ def test_sampling_settings_are_accepted(server):
 
 def test_concurrent_streams_get_the_answers_they_get_alone(server):
     """16 streaming clients at once: batched together, each gets its one-at-a-time answer."""
-    cases = [(q, colour((40 * i % 256, 90, 255 - 15 * i))) for i, q in enumerate(
-        ["What is this?", "Describe this image in detail.", "How many shapes are there?", "What color is it?"] * 4)]
+    cases = [
+        (q, colour((40 * i % 256, 90, 255 - 15 * i)))
+        for i, q in enumerate(
+            ["What is this?", "Describe this image in detail.", "How many shapes are there?", "What color is it?"] * 4
+        )
+    ]
     messages = [[user(q, im)] for q, im in cases]
     alone = [ask_stream(server, m)[0] for m in messages]
     before = len(server.app.state.worker.batches)
@@ -228,9 +240,11 @@ def test_cheap_checks_come_before_any_image_is_decoded(server, monkeypatch):
 
     monkeypatch.setattr(server_module, "load_image_url", no_decoding)
     pic = {"type": "image_url", "image_url": {"url": data_url(colour((1, 2, 3)))}}
-    cases = [({"stop": ["", "x"]}, [pic], "stop", None),
-             ({}, [pic] * 9, "messages", "too_many_images"),
-             ({"max_tokens": 500}, [pic] * 8, "messages", "context_length_exceeded")]  # fmt: skip
+    cases = [
+        ({"stop": ["", "x"]}, [pic], "stop", None),
+        ({}, [pic] * 9, "messages", "too_many_images"),
+        ({"max_tokens": 500}, [pic] * 8, "messages", "context_length_exceeded"),
+    ]
     for extra, pics, param, code in cases:
         msg = {"role": "user", "content": [{"type": "text", "text": "hi"}, *pics]}
         status, body = server.post("/v1/chat/completions", {"model": "toy", "messages": [msg], **extra})
@@ -256,11 +270,14 @@ def test_a_non_streaming_client_that_goes_away_stops_its_row(server, toy, monkey
 
     hook = model.get_output_embeddings().register_forward_hook(slow_and_endless)
     try:
-        body = json.dumps({"model": "toy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
-                           "temperature": 0}).encode()  # fmt: skip
+        body = json.dumps(
+            {"model": "toy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0}
+        ).encode()
         with socket.create_connection(("127.0.0.1", server.port)) as conn:
-            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+            conn.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
             deadline = time.monotonic() + 30
             while not (jobs and len(jobs[0].row.token_ids) >= 3):
                 assert time.monotonic() < deadline, "generation did not start"
@@ -278,5 +295,12 @@ def test_a_non_streaming_client_that_goes_away_stops_its_row(server, toy, monkey
 
 def test_openai_client_sees_the_error(server):
     with pytest.raises(openai.BadRequestError, match="remote image URLs are refused"):
-        server.client.chat.completions.create(model="toy", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])  # fmt: skip
+        server.client.chat.completions.create(
+            model="toy",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}],
+                }
+            ],
+        )

@@ -64,8 +64,15 @@ def test_stream_joins_to_the_recorded_answer_and_matches_batch_generation(sessio
     (call,) = calls
     # the same greedy answer as batch generation from the same prompt
     model, tok = session.model, session.tokenizer
-    want = generate_batch(model, tok, TEMPLATE, [(session.image, session.turns[:1])], session.image_transform,
-                          system=session.system, max_new_tokens=12)  # fmt: skip
+    want = generate_batch(
+        model,
+        tok,
+        TEMPLATE,
+        [(session.image, session.turns[:1])],
+        session.image_transform,
+        system=session.system,
+        max_new_tokens=12,
+    )
     assert answer == want[0]
     assert call["pixel_values"].shape == (1, 3, 32, 32)
     assert n_image_tokens(call["input_ids"], model) == num_image_tokens(model.config)
@@ -133,8 +140,9 @@ def test_over_long_conversation_raises_and_keeps_the_turns(tiny):
 def test_max_context_leaves_room_for_the_answer(tiny):
     model, tok = tiny
     t = get_template(TEMPLATE)
-    prompt = encode_user_turn(tok, t, user_with_image(t, "Hi."), num_image_tokens(model.config), first=True,
-                              system=t.system)  # fmt: skip
+    prompt = encode_user_turn(
+        tok, t, user_with_image(t, "Hi."), num_image_tokens(model.config), first=True, system=t.system
+    )
     s = ChatSession(model, tok, TEMPLATE, image_transform_for(model), max_context=len(prompt) + 4)
     s.set_image(red())
     with pytest.raises(ValueError, match="max_new_tokens=5, over max_context"):  # the prompt alone fits
@@ -238,8 +246,16 @@ def test_beam_search_answers_in_one_piece(session):
     assert len(out["pieces"]) <= 1
     assert "".join(out["pieces"]).strip() == session.turns[-1]["content"]
     model, tok = session.model, session.tokenizer
-    want = generate_batch(model, tok, TEMPLATE, [(session.image, session.turns[:1])], session.image_transform,
-                          system=session.system, num_beams=2, max_new_tokens=5)  # fmt: skip
+    want = generate_batch(
+        model,
+        tok,
+        TEMPLATE,
+        [(session.image, session.turns[:1])],
+        session.image_transform,
+        system=session.system,
+        num_beams=2,
+        max_new_tokens=5,
+    )
     assert session.turns[-1]["content"] == want[0]
 
 

@@ -68,7 +68,10 @@ def test_bad_records_are_skipped_counted_and_named(tmp_path, tiny_tokenizer, cap
     assert len(good) == 2
     assert all(x["pixel_values"].shape == (3, 8, 8) for x in good)
     assert ds.skipped["counts"] == {
-        "empty caption": 1, "malformed record": 1, "missing image": 1, "corrupt image": 2,
+        "empty caption": 1,
+        "malformed record": 1,
+        "missing image": 1,
+        "corrupt image": 2,
     }
     assert ds.skipped["total"] == 5
     log = warnings_text(caplog)
@@ -78,7 +81,7 @@ def test_bad_records_are_skipped_counted_and_named(tmp_path, tiny_tokenizer, cap
     batch = collate(items, tiny_tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape == (2, 3, 8, 8)
     # MiniGPT-4 stage 1: caption cleaned, [BOS][image][caption\n]
-    learned = [t for t, l in zip(good[0]["input_ids"], good[0]["labels"]) if l != IGNORE_INDEX]
+    learned = [t for t, lab in zip(good[0]["input_ids"], good[0]["labels"]) if lab != IGNORE_INDEX]
     assert tiny_tokenizer.decode(learned) == "a red square\n"
 
 
@@ -189,8 +192,11 @@ def test_llava_json_minigpt4_marker(llava_file, tiny_tokenizer):
 
 def test_encode_failures_are_counted(tmp_path, tiny_tokenizer, caplog):
     save_jpeg(tmp_path / "a.jpg")
-    q, q_img, a = ({"role": "user", "content": "Q"}, {"role": "user", "content": "<image>\nQ"},
-                   {"role": "assistant", "content": "A"})
+    q, q_img, a = (
+        {"role": "user", "content": "Q"},
+        {"role": "user", "content": "<image>\nQ"},
+        {"role": "assistant", "content": "A"},
+    )
     recs = [
         ConversationRecord(tmp_path / "a.jpg", [q_img], key="k-noanswer"),
         ConversationRecord(tmp_path / "a.jpg", [q, a], key="k-nomarker"),

@@ -21,7 +21,11 @@ def names(text):
 
 
 def test_table_has_the_80_coco_categories():
-    data = json.loads(open(__import__("mmalign.evaluate.chair", fromlist=["x"]).__file__.replace("chair.py", "data/coco_objects.json")).read())
+    data = json.loads(
+        open(
+            __import__("mmalign.evaluate.chair", fromlist=["x"]).__file__.replace("chair.py", "data/coco_objects.json")
+        ).read()
+    )
     cats = data["categories"]
     assert len(cats) == 80
     assert {"person", "hot dog", "teddy bear", "dining table", "hair drier", "skis", "tv"} <= set(cats)
@@ -83,7 +87,11 @@ def test_phrase_vocabulary_generic():
 
 def test_chair_counts_and_pooled_scores_hand_computed():
     # mentions: dog (ok), cat (bad), cat (bad again: every mention counts), person (ok)
-    assert chair_counts(["dog", "cat", "cat", "person"], {"dog", "person", "couch"}, ["dog", "person", "couch"]) == (2, 4, 2)
+    assert chair_counts(["dog", "cat", "cat", "person"], {"dog", "person", "couch"}, ["dog", "person", "couch"]) == (
+        2,
+        4,
+        2,
+    )
     per = [(2, 4, 2), (0, 1, 1), (0, 0, 0)]
     s = chair_scores(per, n_targets=5)
     assert s["chair_i"] == pytest.approx(2 / 5)  # pooled: (2+0+0) / (4+1+0), not a mean of ratios
@@ -95,13 +103,21 @@ def test_chair_counts_and_pooled_scores_hand_computed():
 def write_coco(root):
     (root / "annotations").mkdir(parents=True)
     (root / "val2014").mkdir()
-    images = [{"id": 1, "file_name": "COCO_val2014_000000000001.jpg"}, {"id": 2, "file_name": "COCO_val2014_000000000002.jpg"}]
+    images = [
+        {"id": 1, "file_name": "COCO_val2014_000000000001.jpg"},
+        {"id": 2, "file_name": "COCO_val2014_000000000002.jpg"},
+    ]
     for im in images:
         Image.new("RGB", (32, 32), (90, 90, 90)).save(root / "val2014" / im["file_name"])
     cats = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 58, "name": "hot dog"}]
     anns = [{"image_id": 1, "category_id": 1}, {"image_id": 1, "category_id": 18}, {"image_id": 2, "category_id": 58}]
-    (root / "annotations" / "instances_val2014.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    caps = [{"image_id": 1, "caption": "A man and his puppy on a couch."}, {"image_id": 2, "caption": "Two hot dogs on a plate next to a cup"}]
+    (root / "annotations" / "instances_val2014.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats})
+    )
+    caps = [
+        {"image_id": 1, "caption": "A man and his puppy on a couch."},
+        {"image_id": 2, "caption": "Two hot dogs on a plate next to a cup"},
+    ]
     (root / "annotations" / "captions_val2014.json").write_text(json.dumps({"annotations": caps}))
 
 

@@ -62,8 +62,12 @@ def test_generate_until_matches_the_runner_and_keeps_order(adapter, tiny_model):
     out = adapter.generate_until(reqs)
     tf = image_transform_for(model)
     expect = [
-        runner.generate(model, tok, "minigpt4_v0", [(DOCS[0]["image"], DOCS[0]["q"])], tf, batch_size=1, max_new_tokens=6)[0],
-        runner.generate(model, tok, "minigpt4_v0", [(DOCS[1]["image"], DOCS[1]["q"])], tf, batch_size=1, max_new_tokens=4)[0],
+        runner.generate(
+            model, tok, "minigpt4_v0", [(DOCS[0]["image"], DOCS[0]["q"])], tf, batch_size=1, max_new_tokens=6
+        )[0],
+        runner.generate(
+            model, tok, "minigpt4_v0", [(DOCS[1]["image"], DOCS[1]["q"])], tf, batch_size=1, max_new_tokens=4
+        )[0],
         runner.generate(model, tok, "minigpt4_v0", [(None, DOCS[2]["q"])], tf, batch_size=1, max_new_tokens=6)[0],
     ]
     assert out == [e.split("\n\n")[0].strip() for e in expect]
@@ -73,7 +77,10 @@ def test_generate_until_matches_the_runner_and_keeps_order(adapter, tiny_model):
 def test_generate_until_cuts_at_until_and_refuses_sampling(adapter, monkeypatch):
     answers = {DOCS[0]["q"]: "yes\n\nand more", "q": "no. STOP here"}  # one answer per question asked
     monkeypatch.setattr(runner, "generate", lambda *a, **k: [answers[q] for _, q in a[3]])
-    reqs = [gen_request(0), FakeInstance("generate_until", ("<image>\nq", {"until": "STOP"}, doc_to_visual, 1, "fake", "test"))]
+    reqs = [
+        gen_request(0),
+        FakeInstance("generate_until", ("<image>\nq", {"until": "STOP"}, doc_to_visual, 1, "fake", "test")),
+    ]
     assert adapter.generate_until(reqs) == ["yes", "no."]  # each request cut at its own until
     with pytest.raises(ValueError, match="greedy only"):
         adapter.generate_until([gen_request(0, do_sample=True, temperature=0.7)])
@@ -90,11 +97,19 @@ def test_loglikelihood_greedy_flag_and_ordering(adapter, tiny_model):
     pixel = image_transform_for(model)(DOCS[0]["image"]).unsqueeze(0)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt]), pixel_values=pixel).logits[0, -1]
-    ranked = [t for t in logits.argsort(descending=True).tolist() if tok.encode(tok.decode([t]), add_special_tokens=False) == [t]]
+    ranked = [
+        t
+        for t in logits.argsort(descending=True).tolist()
+        if tok.encode(tok.decode([t]), add_special_tokens=False) == [t]
+    ]
     best, other = tok.decode([ranked[0]]), tok.decode([ranked[5]])
-    req = lambda cont: FakeInstance("loglikelihood", ("<image>\n" + DOCS[0]["q"], cont, doc_to_visual, 0, "fake", "test"))  # noqa: E731
+
+    def req(cont):
+        return FakeInstance("loglikelihood", ("<image>\n" + DOCS[0]["q"], cont, doc_to_visual, 0, "fake", "test"))
+
     (lp_best, greedy_best), (lp_other, greedy_other), (lp_doc, _) = adapter.loglikelihood(
-        [req(best), req(other), req(lambda doc: best)])  # a doc_to_target callable works too  # fmt: skip
+        [req(best), req(other), req(lambda doc: best)]
+    )  # a doc_to_target callable works too
     assert greedy_best and not greedy_other
     assert lp_best > lp_other
     assert lp_best == pytest.approx(torch.log_softmax(logits, -1)[ranked[0]].item(), abs=1e-4)

@@ -8,8 +8,15 @@ from mmalign.evaluate.mme import TASK, mme_answer
 
 @pytest.mark.parametrize(
     "text, parsed",
-    [("Yes", "yes"), ("no.", "no"), ("Yes, it is.", "yes"), ("No, there is none", "no"), ("I think so", "other"),
-     ("Not sure", "no"), ("", "other")],  # fmt: skip
+    [
+        ("Yes", "yes"),
+        ("no.", "no"),
+        ("Yes, it is.", "yes"),
+        ("No, there is none", "no"),
+        ("I think so", "other"),
+        ("Not sure", "no"),
+        ("", "other"),
+    ],
 )
 def test_mme_answer(text, parsed):
     assert mme_answer(text) == parsed
@@ -21,8 +28,10 @@ def write_mme(root):
     ex.mkdir(parents=True)
     for stem in ("a", "b"):
         Image.new("RGB", (8, 8)).save(ex / f"{stem}.jpg")
-        (ex / f"{stem}.txt").write_text(f"Is there a dog in {stem}? Please answer yes or no.\tYes\n"
-                                        f"Is there a cat in {stem}? Please answer yes or no.\tNo\n")  # fmt: skip
+        (ex / f"{stem}.txt").write_text(
+            f"Is there a dog in {stem}? Please answer yes or no.\tYes\n"
+            f"Is there a cat in {stem}? Please answer yes or no.\tNo\n"
+        )
     art = root / "artwork"
     (art / "images").mkdir(parents=True)
     (art / "questions_answers_YN").mkdir()
@@ -32,23 +41,37 @@ def write_mme(root):
     cr = root / "code_reasoning"
     cr.mkdir()
     Image.new("RGB", (8, 8)).save(cr / "c.png")
-    (cr / "c.txt").write_text("Does it print 3? Please answer yes or no.\tYes\nDoes it print 4? Please answer yes or no.\tNo\n")
+    (cr / "c.txt").write_text(
+        "Does it print 3? Please answer yes or no.\tYes\nDoes it print 4? Please answer yes or no.\tNo\n"
+    )
 
 
 def test_mme_layouts_and_scores_hand_computed(tmp_path):
     write_mme(tmp_path)
     samples = TASK.load(tmp_path, None, {})
     ids = [s.id for s in samples]
-    assert ids == ["existence/a/0", "existence/a/1", "existence/b/0", "existence/b/1",
-                   "artwork/p1/0", "artwork/p1/1", "code_reasoning/c/0", "code_reasoning/c/1"]  # fmt: skip
+    assert ids == [
+        "existence/a/0",
+        "existence/a/1",
+        "existence/b/0",
+        "existence/b/1",
+        "artwork/p1/0",
+        "artwork/p1/1",
+        "code_reasoning/c/0",
+        "code_reasoning/c/1",
+    ]
     assert samples[0].prompt == "Is there a dog in a? Please answer yes or no."  # suffix not doubled
     assert samples[4].prompt == "Is this by Monet?\nPlease answer yes or no."  # added when missing
     answers = {
-        "existence/a/0": "Yes", "existence/a/1": "No",  # image a: both right
-        "existence/b/0": "Yes", "existence/b/1": "Yes",  # image b: one right
-        "artwork/p1/0": "No", "artwork/p1/1": "No",  # one right
-        "code_reasoning/c/0": "Yes.", "code_reasoning/c/1": "no",  # both right
-    }  # fmt: skip
+        "existence/a/0": "Yes",
+        "existence/a/1": "No",  # image a: both right
+        "existence/b/0": "Yes",
+        "existence/b/1": "Yes",  # image b: one right
+        "artwork/p1/0": "No",
+        "artwork/p1/1": "No",  # one right
+        "code_reasoning/c/0": "Yes.",
+        "code_reasoning/c/1": "no",  # both right
+    }
     m = TASK.score([{"prediction": answers[s.id], "truth": s.truth} for s in samples])
     ex = m["subtasks"]["existence"]
     assert ex["accuracy"] == pytest.approx(75.0)  # 3 of 4 questions

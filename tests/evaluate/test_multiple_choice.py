@@ -14,9 +14,21 @@ OPTS = {"A": "a cat", "B": "a dog", "C": "a bird", "D": "a fish"}
 
 @pytest.mark.parametrize(
     "text, letter",
-    [("B", "B"), ("B.", "B"), ("(C) a bird", "C"), ("D: a fish", "D"), ("The answer is A.", "A"), ("a dog", "B"),
-     ("It is a bird", "C"), ("E", None), ("a cat or a dog", None), ("no idea", None),
-     ("A dog", "B"), ("B is right", "B"), ("I think C", "C")],  # fmt: skip
+    [
+        ("B", "B"),
+        ("B.", "B"),
+        ("(C) a bird", "C"),
+        ("D: a fish", "D"),
+        ("The answer is A.", "A"),
+        ("a dog", "B"),
+        ("It is a bird", "C"),
+        ("E", None),
+        ("a cat or a dog", None),
+        ("no idea", None),
+        ("A dog", "B"),
+        ("B is right", "B"),
+        ("I think C", "C"),
+    ],
 )
 def test_parse_choice(text, letter):
     assert parse_choice(text, OPTS) == letter
@@ -37,10 +49,43 @@ def _b64():
 
 def write_tsv(path):
     rows = [
-        {"index": "0", "question": "Which animal?", "hint": "", "A": "cat", "B": "dog", "C": "bird", "D": "", "answer": "B", "category": "x", "image": _b64()},
-        {"index": "1", "question": "Which colour?", "hint": "nan", "A": "red", "B": "green", "C": "", "D": "", "answer": "A", "category": "y", "image": "0"},  # image of row 0
-        {"index": "2", "question": "", "hint": "", "A": "p", "B": "q", "C": "", "D": "", "answer": "A", "category": "y", "image": _b64()},  # no question: skipped
-    ]  # fmt: skip
+        {
+            "index": "0",
+            "question": "Which animal?",
+            "hint": "",
+            "A": "cat",
+            "B": "dog",
+            "C": "bird",
+            "D": "",
+            "answer": "B",
+            "category": "x",
+            "image": _b64(),
+        },
+        {
+            "index": "1",
+            "question": "Which colour?",
+            "hint": "nan",
+            "A": "red",
+            "B": "green",
+            "C": "",
+            "D": "",
+            "answer": "A",
+            "category": "y",
+            "image": "0",
+        },  # image of row 0
+        {
+            "index": "2",
+            "question": "",
+            "hint": "",
+            "A": "p",
+            "B": "q",
+            "C": "",
+            "D": "",
+            "answer": "A",
+            "category": "y",
+            "image": _b64(),
+        },  # no question: skipped
+    ]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
         w.writeheader()

@@ -52,8 +52,17 @@ def write_pope(root):
         "adversarial": [(1, "dog", "yes"), (2, "leash", "no")],
     }
     for split, qs in rows.items():
-        lines = [json.dumps({"question_id": q, "image": "COCO_val2014_000000000001.jpg",
-                             "text": f"Is there a {o} in the image?", "label": l}) for q, o, l in qs]  # fmt: skip
+        lines = [
+            json.dumps(
+                {
+                    "question_id": q,
+                    "image": "COCO_val2014_000000000001.jpg",
+                    "text": f"Is there a {o} in the image?",
+                    "label": label,
+                }
+            )
+            for q, o, label in qs
+        ]
         if split == "random":
             lines.append('{"question_id": 9, "image": "x.jpg"}')  # no text / label: counted and skipped
         (root / f"coco_pope_{split}.json").write_text("\n".join(lines) + "\n")
@@ -62,14 +71,31 @@ def write_pope(root):
 def test_pope_task_reads_three_splits_and_scores_each(tmp_path):
     write_pope(tmp_path)
     samples = TASK.load(tmp_path, None, {})
-    assert [s.id for s in samples] == ["random/1", "random/2", "random/3", "popular/1", "popular/2", "adversarial/1", "adversarial/2"]
+    assert [s.id for s in samples] == [
+        "random/1",
+        "random/2",
+        "random/3",
+        "popular/1",
+        "popular/2",
+        "adversarial/1",
+        "adversarial/2",
+    ]
     assert samples[0].prompt == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
     assert samples[0].image().size == (16, 16)
-    answers = {"random/1": "Yes", "random/2": "No, there is no cat.", "random/3": "Yes, a car.",
-               "popular/1": "There is not.", "popular/2": "No", "adversarial/1": "yes", "adversarial/2": "no"}  # fmt: skip
+    answers = {
+        "random/1": "Yes",
+        "random/2": "No, there is no cat.",
+        "random/3": "Yes, a car.",
+        "popular/1": "There is not.",
+        "popular/2": "No",
+        "adversarial/1": "yes",
+        "adversarial/2": "no",
+    }
     records = [{"id": s.id, "prediction": answers[s.id], "truth": s.truth} for s in samples]
     m = TASK.score(records)
-    assert m["random"] == pytest.approx({"n": 3, "accuracy": 2 / 3, "precision": 1 / 2, "recall": 1.0, "f1": 2 / 3, "yes_ratio": 2 / 3})
+    assert m["random"] == pytest.approx(
+        {"n": 3, "accuracy": 2 / 3, "precision": 1 / 2, "recall": 1.0, "f1": 2 / 3, "yes_ratio": 2 / 3}
+    )
     assert m["popular"]["accuracy"] == 0.5 and m["popular"]["yes_ratio"] == 0.0 and m["popular"]["f1"] == 0.0
     assert m["adversarial"]["accuracy"] == 1.0
     assert m["average"]["accuracy"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)

@@ -5,19 +5,33 @@ STAGE1 = {
     "n_questions": 100,
     "vqa_accuracy": {"colour": 0.5, "count": 0.25, "shape": 0.125},
     "presence": {"precision": 0.5, "recall": 1.0, "f1": 0.6667, "yes_ratio": 0.75},
-    "describe_long": {"prompt": "Describe this image in detail.", "chair_i": 0.4, "chair_s": 0.8, "object_recall": 0.3,
-                      "mean_words": 12.34, "repeated_trigram_rate": 0.1, "repeated_sentence_rate": 0.25},
+    "describe_long": {
+        "prompt": "Describe this image in detail.",
+        "chair_i": 0.4,
+        "chair_s": 0.8,
+        "object_recall": 0.3,
+        "mean_words": 12.34,
+        "repeated_trigram_rate": 0.1,
+        "repeated_sentence_rate": 0.25,
+    },
     "describe_short": {"prompt": "short", "chair_i": 0.2, "mean_words": 7.0},
-}  # fmt: skip
+}
 STAGE2 = {
     "n_scenes": 16,
     "n_questions": 100,
     "vqa_accuracy": {"colour": 0.875, "count": 0.5, "shape": 1.0, "position": 0.625},
     "presence": {"precision": 0.9, "recall": 0.9, "f1": 0.9, "yes_ratio": 0.5},
-    "describe_long": {"prompt": "Describe this image in detail.", "chair_i": 0.05, "chair_s": 0.125,
-                      "object_recall": 0.95, "mean_words": 40.0, "repeated_trigram_rate": 0.0, "repeated_sentence_rate": 0.0},
+    "describe_long": {
+        "prompt": "Describe this image in detail.",
+        "chair_i": 0.05,
+        "chair_s": 0.125,
+        "object_recall": 0.95,
+        "mean_words": 40.0,
+        "repeated_trigram_rate": 0.0,
+        "repeated_sentence_rate": 0.0,
+    },
     "describe_short": {"prompt": "short", "chair_i": 0.0, "mean_words": 15.55},
-}  # fmt: skip
+}
 
 
 def rows_of(md: str) -> dict[str, list[str]]:

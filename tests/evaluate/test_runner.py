@@ -67,13 +67,17 @@ def test_interrupted_run_resumes_to_the_same_report(tiny_model, tmp_path, monkey
     from mmalign.evaluate.report import write_report
 
     rows = TOY.rows(full.metrics)
-    assert write_report("t", {"m": resumed.metrics}, rows, tmp_path / "r1") == write_report("t", {"m": full.metrics}, rows, tmp_path / "r2")
+    assert write_report("t", {"m": resumed.metrics}, rows, tmp_path / "r1") == write_report(
+        "t", {"m": full.metrics}, rows, tmp_path / "r2"
+    )
 
 
 def test_rescore_without_model_and_prompt_mismatch(tiny_model, tmp_path):
     model, tok = tiny_model
     samples = small_toy(1)
-    first = run_task(TOY, samples, tmp_path, model, tok, TEMPLATE, image_transform_for(model), batch_size=8, progress=False)
+    first = run_task(
+        TOY, samples, tmp_path, model, tok, TEMPLATE, image_transform_for(model), batch_size=8, progress=False
+    )
     again = run_task(TOY, samples, tmp_path)  # no model: score what is saved
     assert again.metrics == first.metrics
     other = [Sample(s.id, s.prompt + " Be brief.", s.image, s.truth, s.max_new_tokens) for s in samples]
@@ -87,7 +91,13 @@ def test_missing_image_is_counted_and_skipped(tiny_model, tmp_path):
     ok = Image.new("RGB", (16, 16))
     samples = [
         Sample("random/1", "Is there a dog?", lambda: ok, {"split": "random", "label": "yes"}, 4),
-        Sample("random/2", "Is there a cat?", lambda: Image.open(tmp_path / "nope.jpg"), {"split": "random", "label": "no"}, 4),
+        Sample(
+            "random/2",
+            "Is there a cat?",
+            lambda: Image.open(tmp_path / "nope.jpg"),
+            {"split": "random", "label": "no"},
+            4,
+        ),
     ]
     res = run_task(pope, samples, tmp_path, model, tok, TEMPLATE, image_transform_for(model), progress=False)
     assert res.metrics["skipped_images"] == 1 and res.metrics["n_answered"] == 1
@@ -104,8 +114,21 @@ def test_parse_models_and_unknown_task():
 
 def test_cli_eval_toy_default_two_models_one_report(tiny_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    main(["eval", "--model", f"first={tiny_dir}", "--model", f"second={tiny_dir}", "--n-scenes", "1", "--out", str(out),
-          "--batch-size", "16"])  # fmt: skip
+    main(
+        [
+            "eval",
+            "--model",
+            f"first={tiny_dir}",
+            "--model",
+            f"second={tiny_dir}",
+            "--n-scenes",
+            "1",
+            "--out",
+            str(out),
+            "--batch-size",
+            "16",
+        ]
+    )
     printed = capsys.readouterr().out
     assert '"first"' in printed and f"report: {out / 'report.md'}" in printed
     report = (out / "report.md").read_text()
@@ -121,8 +144,10 @@ def test_cli_eval_toy_default_two_models_one_report(tiny_dir, tmp_path, capsys):
 def test_cli_eval_pope_from_files_and_bad_data(tiny_dir, tmp_path, capsys):
     (tmp_path / "val2014").mkdir()
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "val2014" / "a.jpg")
-    lines = [json.dumps({"question_id": i, "image": "a.jpg", "text": f"Is there a {o} in the image?", "label": l})
-             for i, (o, l) in enumerate([("dog", "yes"), ("cat", "no"), ("car", "no")])]  # fmt: skip
+    lines = [
+        json.dumps({"question_id": i, "image": "a.jpg", "text": f"Is there a {o} in the image?", "label": label})
+        for i, (o, label) in enumerate([("dog", "yes"), ("cat", "no"), ("car", "no")])
+    ]
     (tmp_path / "coco_pope_random.json").write_text("\n".join(lines))
     out = tmp_path / "eval"
     main(["eval", "--model", str(tiny_dir), "--task", "pope", "--data", str(tmp_path), "--out", str(out)])
@@ -130,7 +155,9 @@ def test_cli_eval_pope_from_files_and_bad_data(tiny_dir, tmp_path, capsys):
     assert metrics["random"]["n"] == 3 and 0.0 <= metrics["random"]["accuracy"] <= 1.0
     assert "| random: accuracy |" in (out / "report.md").read_text()
     with pytest.raises(SystemExit) as err:  # a clear error naming what is missing, not a traceback
-        main(["eval", "--model", str(tiny_dir), "--task", "pope", "--data", str(tmp_path / "nowhere"), "--out", str(out)])
+        main(
+            ["eval", "--model", str(tiny_dir), "--task", "pope", "--data", str(tmp_path / "nowhere"), "--out", str(out)]
+        )
     assert "no POPE files" in str(err.value.code)
     with pytest.raises(SystemExit) as err:
         main(["eval", "--model", str(tiny_dir), "--task", "mme", "--out", str(out)])

@@ -124,8 +124,13 @@ def test_describe_metrics_perfect_description_and_empty():
     m = describe_metrics([tw.description(s) for s in scenes], scenes)
     assert m["chair_i"] == 0.0 and m["chair_s"] == 0.0 and m["object_recall"] == 1.0
     assert describe_metrics([], []) == {
-        "chair_i": 0.0, "chair_s": 0.0, "object_recall": 0.0, "mean_words": 0.0, "repeated_trigram_rate": 0.0, "repeated_sentence_rate": 0.0,
-    }  # fmt: skip
+        "chair_i": 0.0,
+        "chair_s": 0.0,
+        "object_recall": 0.0,
+        "mean_words": 0.0,
+        "repeated_trigram_rate": 0.0,
+        "repeated_sentence_rate": 0.0,
+    }
 
 
 def test_repeated_sentence_rate_counts_verbatim_repeats():

@@ -82,14 +82,20 @@ def _img(path):
 
 
 def test_vqav2_loader_and_score_by_answer_type(tmp_path):
-    qs = {"questions": [{"question_id": 10, "image_id": 5, "question": "How many dogs?"},
-                        {"question_id": 11, "image_id": 5, "question": "Is it sunny?"},
-                        {"question_id": 12, "image_id": 5}]}  # no question: skipped  # fmt: skip
-    anns = {"annotations": [
-        {"question_id": 10, "answer_type": "number", "answers": [{"answer": "2"}] * 3 + [{"answer": "3"}] * 7},
-        {"question_id": 11, "answer_type": "yes/no", "answers": [{"answer": "yes"}] * 10},
-        {"question_id": 12, "answer_type": "other", "answers": [{"answer": "x"}] * 10},
-    ]}  # fmt: skip
+    qs = {
+        "questions": [
+            {"question_id": 10, "image_id": 5, "question": "How many dogs?"},
+            {"question_id": 11, "image_id": 5, "question": "Is it sunny?"},
+            {"question_id": 12, "image_id": 5},
+        ]
+    }  # no question: skipped
+    anns = {
+        "annotations": [
+            {"question_id": 10, "answer_type": "number", "answers": [{"answer": "2"}] * 3 + [{"answer": "3"}] * 7},
+            {"question_id": 11, "answer_type": "yes/no", "answers": [{"answer": "yes"}] * 10},
+            {"question_id": 12, "answer_type": "other", "answers": [{"answer": "x"}] * 10},
+        ]
+    }
     (tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(qs))
     (tmp_path / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(anns))
     _img(tmp_path / "val2014" / "COCO_val2014_000000000005.jpg")
@@ -107,7 +113,9 @@ def test_vqav2_loader_and_score_by_answer_type(tmp_path):
 
 
 def test_gqa_textvqa_vizwiz_loaders(tmp_path):
-    (tmp_path / "gqa.json").write_text(json.dumps({"q1": {"imageId": "n1", "question": "What color?", "answer": "red"}}))
+    (tmp_path / "gqa.json").write_text(
+        json.dumps({"q1": {"imageId": "n1", "question": "What color?", "answer": "red"}})
+    )
     _img(tmp_path / "images" / "n1.jpg")
     (s,) = GQA.load(tmp_path / "gqa.json", None, {})
     assert GQA.score([{"prediction": "Red.", "truth": s.truth}])["accuracy"] == 1.0
@@ -119,13 +127,32 @@ def test_gqa_textvqa_vizwiz_loaders(tmp_path):
     assert TEXTVQA.score([{"prediction": "Coca-Cola", "truth": s.truth}])["accuracy"] == 1.0  # hyphen -> space
     assert TEXTVQA.score([{"prediction": "pepsi", "truth": s.truth}])["accuracy"] == 0.0
 
-    viz = [{"image": "VizWiz_val_1.jpg", "question": "What is this?", "answerable": 0, "answer_type": "unanswerable",
-            "answers": [{"answer": "unanswerable"}] * 8 + [{"answer": "soup"}] * 2},
-           {"image": "VizWiz_val_2.jpg", "question": "Color?", "answerable": 1, "answer_type": "other",
-            "answers": [{"answer": "blue"}] * 10}]  # fmt: skip
+    viz = [
+        {
+            "image": "VizWiz_val_1.jpg",
+            "question": "What is this?",
+            "answerable": 0,
+            "answer_type": "unanswerable",
+            "answers": [{"answer": "unanswerable"}] * 8 + [{"answer": "soup"}] * 2,
+        },
+        {
+            "image": "VizWiz_val_2.jpg",
+            "question": "Color?",
+            "answerable": 1,
+            "answer_type": "other",
+            "answers": [{"answer": "blue"}] * 10,
+        },
+    ]
     (tmp_path / "val.json").write_text(json.dumps(viz))
     samples = VIZWIZ.load(tmp_path / "val.json", None, {})
-    assert samples[0].prompt.startswith("What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.")
-    m = VIZWIZ.score([{"prediction": "Unanswerable", "truth": samples[0].truth}, {"prediction": "unanswerable", "truth": samples[1].truth}])
+    assert samples[0].prompt.startswith(
+        "What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'."
+    )
+    m = VIZWIZ.score(
+        [
+            {"prediction": "Unanswerable", "truth": samples[0].truth},
+            {"prediction": "unanswerable", "truth": samples[1].truth},
+        ]
+    )
     assert m["accuracy"] == 0.5
     assert m["unanswerable"] == {"said_unanswerable_rate": 1.0, "recall": 1.0}

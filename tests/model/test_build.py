@@ -147,8 +147,9 @@ def test_vision_tower_from_full_clip_bin_checkpoint(tmp_path, tiny_spec):
     """The usual real case: a whole CLIP repo (text tower too), here as pytorch_model.bin."""
     from transformers import CLIPConfig, CLIPModel
 
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                  image_size=32, patch_size=8)
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32, patch_size=8
+    )
     text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
     clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=8))
     clip.config.save_pretrained(tmp_path)
@@ -219,8 +220,16 @@ def test_load_in_8bit_on_cpu_quantizes_the_llm_only(tmp_path, build, arch):
 def test_load_in_4bit_on_cpu_uses_bitsandbytes_nf4(tmp_path, build):
     from mmalign.model import export, load_model
 
-    llm = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=400, max_position_embeddings=256)  # fmt: skip
+    llm = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=400,
+        max_position_embeddings=256,
+    )
     model, tok = build("minigpt4_patch", llm={**llm, "vocab_size": 405})
     export(model, tok, tmp_path, template="minigpt4_v0")
     q, _ = load_model(str(tmp_path), load_in="4bit")
@@ -264,8 +273,16 @@ def test_cuda_quantization_is_bitsandbytes_with_vision_and_projector_kept(build)
 def test_load_in_bitsandbytes_on_cuda(tmp_path, build, load_in):
     from mmalign.model import export, load_model
 
-    llm = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=405, max_position_embeddings=256)  # fmt: skip
+    llm = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=405,
+        max_position_embeddings=256,
+    )
     model, tok = build("llava", llm=llm)
     export(model, tok, tmp_path, template="minigpt4_v0")
     q, _ = load_model(str(tmp_path), load_in=load_in, device="cuda", dtype=torch.float16)

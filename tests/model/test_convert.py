@@ -119,9 +119,18 @@ def blip2_tensors(seed=1):
 
 def tiny_llama(tok, seed):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=LLM_WIDTH, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.1)  # fmt: skip
+    cfg = LlamaConfig(
+        hidden_size=LLM_WIDTH,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        initializer_range=0.1,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -174,8 +183,11 @@ def ref_eva(t, pixels, layers=KEEP):
         att = attend(*qkv.split(w, -1), h)
         x = x + F.linear(att, t[p + "attn.proj.weight"], t[p + "attn.proj.bias"])
         y = F.layer_norm(x, (w,), t[p + "norm2.weight"], t[p + "norm2.bias"], 1e-6)
-        y = F.linear(F.gelu(F.linear(y, t[p + "mlp.fc1.weight"], t[p + "mlp.fc1.bias"])), t[p + "mlp.fc2.weight"],
-                     t[p + "mlp.fc2.bias"])  # fmt: skip
+        y = F.linear(
+            F.gelu(F.linear(y, t[p + "mlp.fc1.weight"], t[p + "mlp.fc1.bias"])),
+            t[p + "mlp.fc2.weight"],
+            t[p + "mlp.fc2.bias"],
+        )
         x = x + y
     return x
 
@@ -183,7 +195,7 @@ def ref_eva(t, pixels, layers=KEEP):
 def ref_qformer(t, image_embeds):
     """LAVIS Q-Former (BERT, post-LN) on the query tokens only, cross-attending every 2nd layer."""
     w, eps = QF["width"], 1e-12
-    lin = lambda p: (lambda z: F.linear(z, t[p + "weight"], t[p + "bias"]))  # noqa: E731
+    lin = lambda p: lambda z: F.linear(z, t[p + "weight"], t[p + "bias"])  # noqa: E731
     norm = lambda z, p: F.layer_norm(z, (w,), t[p + "weight"], t[p + "bias"], eps)  # noqa: E731
     x = norm(t["query_tokens"].expand(image_embeds.shape[0], -1, -1), "Qformer.bert.embeddings.LayerNorm.")
     for i in range(QF["layers"]):
@@ -224,10 +236,17 @@ PROMPT = ("###Human: <Img>", "</Img> Describe this image in detail. ###Assistant
 @pytest.fixture(scope="module")
 def minigpt4_dir(originals, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted") / "minigpt4-7b"
-    convert_minigpt4(originals / "pretrained_minigpt4_7b.pth", str(originals / "vicuna"), out,
-                     blip2=originals / "blip2_pretrained_flant5xxl.pth", vit=originals / "eva_vit_g.pth",
-                     vit_layers=KEEP, vit_heads=EVA["heads"], qformer_heads=QF["heads"],
-                     max_shard_size="40KB")  # fmt: skip
+    convert_minigpt4(
+        originals / "pretrained_minigpt4_7b.pth",
+        str(originals / "vicuna"),
+        out,
+        blip2=originals / "blip2_pretrained_flant5xxl.pth",
+        vit=originals / "eva_vit_g.pth",
+        vit_layers=KEEP,
+        vit_heads=EVA["heads"],
+        qformer_heads=QF["heads"],
+        max_shard_size="40KB",
+    )
     return out
 
 
@@ -264,15 +283,19 @@ def test_minigpt4_vicuna_matches_reference_forward(originals, tok, minigpt4_dir)
     assert template_of(minigpt4_dir) == "minigpt4_v0"
     meta = json.loads((minigpt4_dir / "mmalign.json").read_text())
     assert meta["converted_from"]["vit"].endswith("eva_vit_g.pth")
-    text = tok2.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
-                                   add_generation_prompt=True, tokenize=False)  # fmt: skip
+    text = tok2.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert text.endswith("###Human: <Img><image></Img> Hi ###Assistant: ")
 
 
 def test_minigpt4_from_hf_blip2_folder(originals, tok, minigpt4_dir, tmp_path):
     """--blip2 may be a HF Blip2 folder (e.g. Salesforce/blip2-flan-t5-xxl): ViT + Q-Former from it."""
-    out = convert_minigpt4(originals / "pretrained_minigpt4_7b.pth", str(originals / "vicuna"), tmp_path / "m",
-                           blip2=str(minigpt4_dir))  # fmt: skip
+    out = convert_minigpt4(
+        originals / "pretrained_minigpt4_7b.pth", str(originals / "vicuna"), tmp_path / "m", blip2=str(minigpt4_dir)
+    )
     torch.manual_seed(8)
     pixels = torch.randn(1, 3, EVA["image"], EVA["image"])
     ref, ids_a, ids_b = minigpt4_reference(originals, tok, pixels)
@@ -281,8 +304,14 @@ def test_minigpt4_from_hf_blip2_folder(originals, tok, minigpt4_dir, tmp_path):
 
 
 def test_minigpt4_llama2_variant_matches_reference_forward(originals, tok, tmp_path):
-    out = convert_minigpt4(originals / "pretrained_minigpt4_llama2_7b.pth", str(originals / "vicuna"), tmp_path / "m",
-                           vit=originals / "eva_vit_g.pth", vit_layers=KEEP, vit_heads=EVA["heads"])  # fmt: skip
+    out = convert_minigpt4(
+        originals / "pretrained_minigpt4_llama2_7b.pth",
+        str(originals / "vicuna"),
+        tmp_path / "m",
+        vit=originals / "eva_vit_g.pth",
+        vit_layers=KEEP,
+        vit_heads=EVA["heads"],
+    )
     torch.manual_seed(9)
     pixels = torch.randn(1, 3, EVA["image"], EVA["image"])
     ref, ids_a, ids_b = minigpt4_reference(originals, tok, pixels, "pretrained_minigpt4_llama2_7b.pth", qformer=False)
@@ -303,22 +332,27 @@ PROJ, BLIP2, VIT = "pretrained_minigpt4_7b.pth", "blip2_pretrained_flant5xxl.pth
 MINIGPT4_BAD = {  # file, edit of its tensors, the error expected
     "missing": (PROJ, lambda m: m.pop("llama_proj.bias"), r"missing tensor\(s\): llama_proj\.bias"),
     "missing half of a fused bias": (
-        VIT, lambda m: m.pop("blocks.1.attn.v_bias"), r"missing tensor: visual_encoder\.blocks\.1\.attn\.v_bias"
+        VIT,
+        lambda m: m.pop("blocks.1.attn.v_bias"),
+        r"missing tensor: visual_encoder\.blocks\.1\.attn\.v_bias",
     ),
     "extra": (
-        BLIP2, lambda m: m.update({"Qformer.bert.encoder.layer.0.attention.self.gate.weight": torch.zeros(2)}),
+        BLIP2,
+        lambda m: m.update({"Qformer.bert.encoder.layer.0.attention.self.gate.weight": torch.zeros(2)}),
         r"no place for: Qformer\.bert\.encoder\.layer\.0\.attention\.self\.gate\.weight",
     ),
     "unknown": (BLIP2, lambda m: m.update({"Qformer.adapter.w": torch.zeros(2)}), r"unknown name.*Qformer\.adapter"),
     "wrong shape": (
-        PROJ, lambda m: m.update({"llama_proj.weight": torch.zeros(LLM_WIDTH, 7)}),
+        PROJ,
+        lambda m: m.update({"llama_proj.weight": torch.zeros(LLM_WIDTH, 7)}),
         r"llama_proj\.weight: \[48, 7\], the model needs \[48, 24\]",
     ),
     "projection for another LLM": (
-        PROJ, lambda m: m.update({"llama_proj.weight": torch.zeros(64, 24), "llama_proj.bias": torch.zeros(64)}),
+        PROJ,
+        lambda m: m.update({"llama_proj.weight": torch.zeros(64, 24), "llama_proj.bias": torch.zeros(64)}),
         r"llama_proj\.weight: \[64, 24\], the model needs \[48, 24\]",
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(MINIGPT4_BAD))
@@ -328,15 +362,28 @@ def test_minigpt4_bad_originals_name_the_tensor(originals, tmp_path, case):
     files[target] = tmp_path / target
     _rewrite(originals / target, files[target], edit)
     with pytest.raises(ConversionError, match=pattern):
-        convert_minigpt4(files[PROJ], str(originals / "vicuna"), tmp_path / "out", blip2=files[BLIP2], vit=files[VIT],
-                         vit_layers=KEEP, vit_heads=EVA["heads"], qformer_heads=QF["heads"])  # fmt: skip
+        convert_minigpt4(
+            files[PROJ],
+            str(originals / "vicuna"),
+            tmp_path / "out",
+            blip2=files[BLIP2],
+            vit=files[VIT],
+            vit_layers=KEEP,
+            vit_heads=EVA["heads"],
+            qformer_heads=QF["heads"],
+        )
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
 def test_minigpt4_needs_the_vit_and_pickle_consent(originals, tmp_path):
     with pytest.raises(ConversionError, match="give vit"):
-        convert_minigpt4(originals / "pretrained_minigpt4_7b.pth", str(originals / "vicuna"), tmp_path / "o",
-                         blip2=originals / "blip2_pretrained_flant5xxl.pth", qformer_heads=QF["heads"])  # fmt: skip
+        convert_minigpt4(
+            originals / "pretrained_minigpt4_7b.pth",
+            str(originals / "vicuna"),
+            tmp_path / "o",
+            blip2=originals / "blip2_pretrained_flant5xxl.pth",
+            qformer_heads=QF["heads"],
+        )
     torch.save({"model": {"llama_proj.weight": torch.zeros(2)}, "cfg": ConversionError("x")}, tmp_path / "p.pth")
     with pytest.raises(ConversionError, match="weights_only=True.*--trust-pickle"):
         convert_minigpt4(tmp_path / "p.pth", str(originals / "vicuna"), tmp_path / "o", vit=originals / "eva_vit_g.pth")
@@ -359,8 +406,15 @@ def test_rename_tables_are_two_way():
 
 def tiny_clip_vision(seed):
     torch.manual_seed(seed)
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                            image_size=32, patch_size=8, initializer_range=0.2)  # fmt: skip
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        initializer_range=0.2,
+    )
 
 
 def write_llava_checkpoint(root, tok, *, model_type, arch, tower, seed, extra=None, tower_copy=False, cfg_edit=None):
@@ -383,12 +437,25 @@ def write_llava_checkpoint(root, tok, *, model_type, arch, tower, seed, extra=No
         torch.save({k: state[k].clone() for k in keys}, root / file)
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
     (root / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    cfg = {**llm.config.to_dict(), "architectures": [arch], "model_type": model_type, "mm_vision_tower": tower,
-           "mm_hidden_size": 32, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-           "mm_projector_type": "mlp2x_gelu", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-           "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": False,
-           "use_mm_proj": True, "rope_scaling": None, "torch_dtype": "float32",
-           "transformers_version": "4.31.0"}  # fmt: skip
+    cfg = {
+        **llm.config.to_dict(),
+        "architectures": [arch],
+        "model_type": model_type,
+        "mm_vision_tower": tower,
+        "mm_hidden_size": 32,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "pad",
+        "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+        "rope_scaling": None,
+        "torch_dtype": "float32",
+        "transformers_version": "4.31.0",
+    }
     cfg.pop("dtype", None)
     cfg.pop("rope_parameters", None)
     if cfg_edit:
@@ -402,8 +469,16 @@ def clip_dirs(tmp_path_factory):
     """openai/clip-vit-large-patch14-336 stand-in (full CLIPModel) and ShareGPT4V's tuned tower (CLIPVisionModel)."""
     root = tmp_path_factory.mktemp("clip")
     vcfg = tiny_clip_vision(11)
-    tcfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
-                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    tcfg = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=50,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     CLIPModel(CLIPConfig(vision_config=vcfg.to_dict(), text_config=tcfg)).save_pretrained(root / "clip-336")
     CLIPVisionModel(tiny_clip_vision(12)).save_pretrained(root / "sharegpt4v-vit-l12")
     return root
@@ -424,8 +499,14 @@ def llava_reference(state, tok, tower_dir, pixels, layer=-2):
 
 
 def test_llava15_matches_reference_forward(tok, clip_dirs, tmp_path):
-    state = write_llava_checkpoint(tmp_path / "llava-v1.5-7b", tok, model_type="llava", arch="LlavaLlamaForCausalLM",
-                                   tower=str(clip_dirs / "clip-336"), seed=20)  # fmt: skip
+    state = write_llava_checkpoint(
+        tmp_path / "llava-v1.5-7b",
+        tok,
+        model_type="llava",
+        arch="LlavaLlamaForCausalLM",
+        tower=str(clip_dirs / "clip-336"),
+        seed=20,
+    )
     out = convert_llava(str(tmp_path / "llava-v1.5-7b"), tmp_path / "out", max_shard_size="40KB")
     model, _ = load_model(str(out))
     assert type(model) is LlavaForConditionalGeneration
@@ -440,9 +521,15 @@ def test_llava15_matches_reference_forward(tok, clip_dirs, tmp_path):
 def test_sharegpt4v_tower_override_and_ignored_tower_copy(tok, clip_dirs, tmp_path):
     """ShareGPT4V: its own model_type / class, mm_vision_tower = the tuned CLIP's hub id (given
     here as --vision, a local copy); the tower copy inside the checkpoint is not used."""
-    state = write_llava_checkpoint(tmp_path / "ShareGPT4V-7B", tok, model_type="share4v",
-                                   arch="Share4VLlamaForCausalLM", tower="Lin-Chen/ShareGPT4V-7B_Pretrained_vit-large336-l12",
-                                   seed=30, tower_copy=True)  # fmt: skip
+    state = write_llava_checkpoint(
+        tmp_path / "ShareGPT4V-7B",
+        tok,
+        model_type="share4v",
+        arch="Share4VLlamaForCausalLM",
+        tower="Lin-Chen/ShareGPT4V-7B_Pretrained_vit-large336-l12",
+        seed=30,
+        tower_copy=True,
+    )
     out = convert_llava(str(tmp_path / "ShareGPT4V-7B"), tmp_path / "out", vision=str(clip_dirs / "sharegpt4v-vit-l12"))
     model, _ = load_model(str(out))
     torch.manual_seed(31)
@@ -456,11 +543,13 @@ LLAVA_BAD = {
     "missing": (dict(drop="model.mm_projector.2.bias"), r"missing tensor\(s\): model\.mm_projector\.2\.bias"),
     "extra": (dict(extra={"model.image_newline": torch.zeros(LLM_WIDTH)}), r"no place for: model\.image_newline"),
     "unknown": (dict(extra={"vision_resampler.w": torch.zeros(2)}), r"unknown name.*vision_resampler\.w"),
-    "wrong shape": (dict(extra={"model.mm_projector.0.weight": torch.zeros(LLM_WIDTH, 31)}),
-                    r"model\.mm_projector\.0\.weight: \[48, 31\], the model needs \[48, 32\]"),
+    "wrong shape": (
+        dict(extra={"model.mm_projector.0.weight": torch.zeros(LLM_WIDTH, 31)}),
+        r"model\.mm_projector\.0\.weight: \[48, 31\], the model needs \[48, 32\]",
+    ),
     "linear projector": (dict(cfg_edit=lambda c: c.update(mm_projector_type="linear")), r"mm_projector_type 'linear'"),
     "unknown class": (dict(cfg_edit=lambda c: c.update(architectures=["LlavaMptForCausalLM"])), r"architectures"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(LLAVA_BAD))
@@ -468,8 +557,16 @@ def test_llava_bad_originals_name_the_problem(tok, clip_dirs, tmp_path, case):
     how, pattern = LLAVA_BAD[case]
     extra = dict(how.get("extra", {}))
     ckpt = tmp_path / "llava"
-    write_llava_checkpoint(ckpt, tok, model_type="llava", arch="LlavaLlamaForCausalLM", tower=str(clip_dirs / "clip-336"),
-                           seed=40, extra=extra, cfg_edit=how.get("cfg_edit"))  # fmt: skip
+    write_llava_checkpoint(
+        ckpt,
+        tok,
+        model_type="llava",
+        arch="LlavaLlamaForCausalLM",
+        tower=str(clip_dirs / "clip-336"),
+        seed=40,
+        extra=extra,
+        cfg_edit=how.get("cfg_edit"),
+    )
     if "drop" in how:  # rewrite the shard holding it
         index = json.loads((ckpt / "pytorch_model.bin.index.json").read_text())["weight_map"]
         shard = ckpt / index[how["drop"]]
@@ -505,8 +602,14 @@ PLAIN_HF = textwrap.dedent(
 
 
 def test_converted_folders_load_with_plain_transformers(tok, minigpt4_dir, clip_dirs, tmp_path):
-    write_llava_checkpoint(tmp_path / "orig", tok, model_type="llava", arch="LlavaLlamaForCausalLM",
-                           tower=str(clip_dirs / "clip-336"), seed=50)  # fmt: skip
+    write_llava_checkpoint(
+        tmp_path / "orig",
+        tok,
+        model_type="llava",
+        arch="LlavaLlamaForCausalLM",
+        tower=str(clip_dirs / "clip-336"),
+        seed=50,
+    )
     dirs = {"minigpt4": minigpt4_dir, "llava": convert_llava(str(tmp_path / "orig"), tmp_path / "llava")}
     jobs, expected = {}, {}
     for name, folder in dirs.items():
@@ -521,8 +624,9 @@ def test_converted_folders_load_with_plain_transformers(tok, minigpt4_dir, clip_
         with torch.no_grad():
             expected[name] = model(**inputs).logits
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", PLAIN_HF, json.dumps(jobs)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", PLAIN_HF, json.dumps(jobs)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "minigpt4 Blip2ForConditionalGeneration" in run.stdout
     assert "llava LlavaForConditionalGeneration" in run.stdout
@@ -534,14 +638,41 @@ def test_converted_folders_load_with_plain_transformers(tok, minigpt4_dir, clip_
 def test_cli_convert(originals, tok, clip_dirs, tmp_path, capsys):
     from mmalign.cli import main
 
-    write_llava_checkpoint(tmp_path / "llava", tok, model_type="llava", arch="LlavaLlamaForCausalLM",
-                           tower=str(clip_dirs / "clip-336"), seed=60)  # fmt: skip
-    main(["convert", "llava", "--checkpoint", str(tmp_path / "llava"), "--out", str(tmp_path / "out"), "--dtype", "bfloat16"])
+    write_llava_checkpoint(
+        tmp_path / "llava",
+        tok,
+        model_type="llava",
+        arch="LlavaLlamaForCausalLM",
+        tower=str(clip_dirs / "clip-336"),
+        seed=60,
+    )
+    main(
+        [
+            "convert",
+            "llava",
+            "--checkpoint",
+            str(tmp_path / "llava"),
+            "--out",
+            str(tmp_path / "out"),
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert capsys.readouterr().out.strip().endswith("out")
     model, _ = load_model(str(tmp_path / "out"))
     assert type(model) is LlavaForConditionalGeneration and model.dtype == torch.bfloat16
-    args = ["convert", "minigpt4", "--projection", str(originals / "pretrained_minigpt4_llama2_7b.pth"),
-            "--llm", str(originals / "vicuna"), "--vit", str(originals / "eva_vit_g.pth"), "--out", str(tmp_path / "m")]  # fmt: skip
+    args = [
+        "convert",
+        "minigpt4",
+        "--projection",
+        str(originals / "pretrained_minigpt4_llama2_7b.pth"),
+        "--llm",
+        str(originals / "vicuna"),
+        "--vit",
+        str(originals / "eva_vit_g.pth"),
+        "--out",
+        str(tmp_path / "m"),
+    ]
     with pytest.raises(SystemExit, match=r"mmalign convert minigpt4: error: .*--vit-heads"):
         main(args)  # a tiny EVA's head count cannot be guessed
     main([*args, "--vit-layers", "2", "--vit-heads", "2"])
@@ -553,4 +684,6 @@ def test_a_mistyped_checkpoint_file_is_named_not_taken_for_a_hub_id(tmp_path):
 
     (tmp_path / "proj.pth").write_bytes(b"")
     with pytest.raises(ConversionError, match="blip2_pretrained_flant5xxl.pth: no such file"):
-        convert_minigpt4(tmp_path / "proj.pth", "some/llm", tmp_path / "out", blip2=tmp_path / "blip2_pretrained_flant5xxl.pth")
+        convert_minigpt4(
+            tmp_path / "proj.pth", "some/llm", tmp_path / "out", blip2=tmp_path / "blip2_pretrained_flant5xxl.pth"
+        )

@@ -79,7 +79,7 @@ def test_regex_specs_and_all_policies_resolve(build):
     model, _ = build("minigpt4")
     report = apply_freeze(model, ["projector", r"re:^qformer\.layernorm\."])
     assert report.counts["qformer"][0] > 0
-    for name, policy in POLICIES.items():
+    for policy in POLICIES.values():
         apply_freeze(model, policy)  # none of the named policies is empty on blip-2
 
 

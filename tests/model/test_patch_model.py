@@ -39,8 +39,15 @@ def test_merge_rejects_bad_shapes():
 
 def test_config_validates_merge():
     def vision(size):  # patch 8: 24 px -> 3x3 grid, 48 px -> 6x6 grid
-        return dict(model_type="clip_vision_model", image_size=size, patch_size=8, hidden_size=8,
-                    intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
+        return dict(
+            model_type="clip_vision_model",
+            image_size=size,
+            patch_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
 
     with pytest.raises(ValueError, match="groups of 4"):
         MiniGPT4PatchConfig(vision_config=vision(24), merge_tokens=4)

@@ -45,8 +45,11 @@ def test_slot_examples_put_one_placeholder_per_cell_and_learn_only_answers():
 
 def test_embed_with_slots_replaces_exactly_the_placeholders_with_summed_word_embeddings():
     tok = pretrain.load_tokenizer()
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2))  # fmt: skip
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
     image_id = tok.convert_tokens_to_ids("<image>")
     ids = torch.tensor([[5, image_id, image_id, 6], [5, 6, 7, 8]])
     slots = [[[10, 11], [12]], None]

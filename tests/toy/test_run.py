@@ -17,7 +17,9 @@ def test_quick_main_job_trains_exports_and_reports(tmp_path, capsys):
         saved = json.loads((tmp_path / f"eval-{stage}" / "metrics.json").read_text())
         assert saved["n_questions"] == m["n_questions"] > 0
     # stage 2 started from stage 1's projection (only the projection trains in both)
-    assert json.loads((tmp_path / "stage2" / "config.json").read_text())["model"]["init_trainable"].endswith("checkpoint-4")
+    assert json.loads((tmp_path / "stage2" / "config.json").read_text())["model"]["init_trainable"].endswith(
+        "checkpoint-4"
+    )
     # what users get: an exported folder that loads and remembers its chat template
     model, tokenizer = load_model(str(tmp_path / "model-stage2"))
     assert template_of(tmp_path / "model-stage2") == "minigpt4_v0"

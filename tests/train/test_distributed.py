@@ -65,17 +65,38 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
     # 8 records, 2 per device, global batch 4: one process accumulates 2 batches per step, two
     # DDP processes take one each; 4 steps cross an epoch boundary (2 steps per epoch)
     data = caption_data(tmp_path / "data", n=8)
-    common = ["train.trainable=projector+llm", "train.batch_size=2", "train.global_batch_size=4", "train.max_steps=4",
-              "train.save_every=2", "train.warmup_steps=1", "train.lr=3e-3", "train.plot=false"]  # fmt: skip
+    common = [
+        "train.trainable=projector+llm",
+        "train.batch_size=2",
+        "train.global_batch_size=4",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.warmup_steps=1",
+        "train.lr=3e-3",
+        "train.plot=false",
+    ]
     one = tmp_path / "one"
     train(config(model_dir, data, one, *common))
 
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"path": str(model_dir)}, "data": {"path": str(data)}}))
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mmalign.cli", "train", str(cfg), f"train.output_dir={two}", "train.log_every=1",
-           "train.min_lr=1e-3", *common]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mmalign.cli",
+        "train",
+        str(cfg),
+        f"train.output_dir={two}",
+        "train.log_every=1",
+        "train.min_lr=1e-3",
+        *common,
+    ]
     proc = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MULTI_CPU, 2 process(es): global batch 4 = 2 per device x 1 accumulation x 2 process(es)" in proc.stderr

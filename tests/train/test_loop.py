@@ -29,8 +29,8 @@ from train_helpers import (
 )
 
 import mmalign.train.loop as loop
-from mmalign.data.sampling import LengthGroupedSampler
 from mmalign.config import to_dict
+from mmalign.data.sampling import LengthGroupedSampler
 from mmalign.model.checkpoint import WEIGHTS
 from mmalign.train.loop import STATE_FILE, ResumableSampler, latest_checkpoint, train
 
@@ -54,8 +54,16 @@ def capture_model(monkeypatch):
 def test_stage1_lowers_loss_saves_and_keeps_frozen_tensors(tmp_path, model_dir, capture_model):
     data = caption_data(tmp_path / "data", n=2)  # one batch of 2, seen at every step
     out = tmp_path / "run"
-    cfg = config(model_dir, data, out, "data.source=captions", "train.trainable=projector",
-                 "train.max_steps=30", "train.save_every=10", "train.keep_checkpoints=2")  # fmt: skip
+    cfg = config(
+        model_dir,
+        data,
+        out,
+        "data.source=captions",
+        "train.trainable=projector",
+        "train.max_steps=30",
+        "train.save_every=10",
+        "train.keep_checkpoints=2",
+    )
     final = train(cfg)
 
     assert final == out / "checkpoint-30"
@@ -121,8 +129,15 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, model_dirs, monkeypat
     # 5 records, batch 2: 3 batches per epoch (last one partial), so step 4 is mid-epoch 2
     model_dir = model_dirs(arch)
     data = caption_data(tmp_path / "data", n=5)
-    common = (f"data.source={source}", f"train.trainable={trainable}", "train.max_steps=8", "train.save_every=4",
-              "train.keep_checkpoints=5", "train.warmup_steps=2", "train.lr=1e-3")  # fmt: skip
+    common = (
+        f"data.source={source}",
+        f"train.trainable={trainable}",
+        "train.max_steps=8",
+        "train.save_every=4",
+        "train.keep_checkpoints=5",
+        "train.warmup_steps=2",
+        "train.lr=1e-3",
+    )
     a_out, b_out = tmp_path / "a", tmp_path / "b"
     train(config(model_dir, data, a_out, *common))
 
@@ -209,8 +224,9 @@ def test_bad_records_are_counted_logged_and_skipped(tmp_path, model_dir, caplog)
 
 
 def test_stage2_conversations_start_from_stage1_projector(tmp_path, model_dir, monkeypatch):
-    stage1 = train(config(model_dir, caption_data(tmp_path / "caps"), tmp_path / "s1",
-                          "train.max_steps=3", "train.save_every=3"))  # fmt: skip
+    stage1 = train(
+        config(model_dir, caption_data(tmp_path / "caps"), tmp_path / "s1", "train.max_steps=3", "train.save_every=3")
+    )
     s1 = load_file(str(stage1 / WEIGHTS))
 
     at_freeze: dict = {}
@@ -223,9 +239,18 @@ def test_stage2_conversations_start_from_stage1_projector(tmp_path, model_dir, m
     monkeypatch.setattr(loop, "apply_freeze", spy)
     data = cc_sbu_align(tmp_path / "cc_sbu_align")
     out = tmp_path / "s2"
-    cfg = config(model_dir, data, out, "data.source=conversations", "data.template=minigpt4_v0",
-                 f"model.init_trainable={stage1}", "train.stage=stage2", "train.max_steps=2",
-                 "train.save_every=2", "train.lr=1e-3")  # fmt: skip
+    cfg = config(
+        model_dir,
+        data,
+        out,
+        "data.source=conversations",
+        "data.template=minigpt4_v0",
+        f"model.init_trainable={stage1}",
+        "train.stage=stage2",
+        "train.max_steps=2",
+        "train.save_every=2",
+        "train.lr=1e-3",
+    )
     final = train(cfg)
 
     assert set(at_freeze) == set(s1)
@@ -275,8 +300,15 @@ def test_cli_run_killed_with_sigkill_continues_the_same_loss_curve(tmp_path, mod
     logged past it), restarted with the same command; its per-step losses match a run that was
     never interrupted."""
     data = caption_data(tmp_path / "data", n=5)
-    common = ("data.source=conversations", "train.max_steps=40", "train.save_every=5", "train.keep_checkpoints=20",
-              "train.warmup_steps=2", "train.lr=1e-3", "train.plot=false")  # fmt: skip
+    common = (
+        "data.source=conversations",
+        "train.max_steps=40",
+        "train.save_every=5",
+        "train.keep_checkpoints=20",
+        "train.warmup_steps=2",
+        "train.lr=1e-3",
+        "train.plot=false",
+    )
     ref = tmp_path / "ref"
     train(config(model_dir, data, ref, *common))
 
@@ -434,8 +466,16 @@ def test_group_by_length_trains(tmp_path, model_dir, monkeypatch):
 
     monkeypatch.setattr(loop, "ResumableSampler", Spy)
     data = caption_data(tmp_path / "data", n=4)
-    cfg = config(model_dir, data, tmp_path / "run", "data.source=captions", "data.group_by_length=true",
-                 "train.max_steps=3", "train.save_every=3", "train.plot=false")  # fmt: skip
+    cfg = config(
+        model_dir,
+        data,
+        tmp_path / "run",
+        "data.source=captions",
+        "data.group_by_length=true",
+        "train.max_steps=3",
+        "train.save_every=3",
+        "train.plot=false",
+    )
     assert train(cfg) == tmp_path / "run" / "checkpoint-3"
     assert isinstance(seen["order"].__self__, LengthGroupedSampler)  # without grouping: None
     order = seen["order"](0)

@@ -19,9 +19,16 @@ from mmalign.train.loop import STATE_FILE, train
 from mmalign.train.lora import apply_lora, lora_target_modules
 
 # tiny LLM (tests/conftest.py): width 32, MLP 64, 4 heads of 8, 2 KV heads -> k/v project to 16; 2 layers
-H, I, KV, LAYERS = 32, 64, 16, 2
-LINEARS = {"q_proj": (H, H), "k_proj": (H, KV), "v_proj": (H, KV), "o_proj": (H, H),
-           "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}  # fmt: skip
+H, MLP, KV, LAYERS = 32, 64, 16, 2
+LINEARS = {
+    "q_proj": (H, H),
+    "k_proj": (H, KV),
+    "v_proj": (H, KV),
+    "o_proj": (H, H),
+    "gate_proj": (H, MLP),
+    "up_proj": (H, MLP),
+    "down_proj": (MLP, H),
+}
 LLAVA_PROJECTOR = 2 * (32 * H + H)  # linear_1 (vision width 32 -> 32) + linear_2 (32 -> 32), with biases
 
 
@@ -105,9 +112,21 @@ def test_lora_run_trains_with_its_own_projector_lr_and_exports_merged(tmp_path, 
     model_dir = model_dirs("llava")
     data = caption_data(tmp_path / "data", n=4)
     out = tmp_path / "run"
-    cfg = config(model_dir, data, out, "data.caption_format=plain", "train.trainable=projector", "train.lora_r=4",
-                 "train.lora_alpha=8", "train.projector_lr=5e-3", "train.lr=1e-3", "train.min_lr=1e-4",
-                 "train.max_steps=3", "train.save_every=3", "train.plot=false")  # fmt: skip
+    cfg = config(
+        model_dir,
+        data,
+        out,
+        "data.caption_format=plain",
+        "train.trainable=projector",
+        "train.lora_r=4",
+        "train.lora_alpha=8",
+        "train.projector_lr=5e-3",
+        "train.lr=1e-3",
+        "train.min_lr=1e-4",
+        "train.max_steps=3",
+        "train.save_every=3",
+        "train.plot=false",
+    )
     final = train(cfg)
 
     saved = load_file(str(final / WEIGHTS))
@@ -136,8 +155,16 @@ def test_quantized_base_is_for_lora_on_a_finished_folder(tmp_path, tiny_spec):
     from mmalign.model.build import model_from_config
     from mmalign.train.lora import prepare_quantized
 
-    recipe_cfg = SimpleNamespace(path=None, recipe="toy-llava", vision=None, llm=None, dtype="float32", device="cpu",
-                                 attn_implementation=None, quantization="4bit")  # fmt: skip
+    recipe_cfg = SimpleNamespace(
+        path=None,
+        recipe="toy-llava",
+        vision=None,
+        llm=None,
+        dtype="float32",
+        device="cpu",
+        attn_implementation=None,
+        quantization="4bit",
+    )
     with pytest.raises(ValueError, match="set model.path"):
         model_from_config(recipe_cfg)
     model, _ = _llava(tiny_spec)
@@ -148,9 +175,21 @@ def test_quantized_base_is_for_lora_on_a_finished_folder(tmp_path, tiny_spec):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA's 4-bit base needs CUDA (bitsandbytes)")
 def test_qlora_trains_adapters_on_a_4bit_base(tmp_path, tiny_spec, model_dirs):
     data = caption_data(tmp_path / "data", n=4)
-    cfg = config(model_dirs("llava"), data, tmp_path / "run", "data.caption_format=plain", "model.device=cuda",
-                 "model.dtype=bfloat16", "model.quantization=4bit", "train.lora_r=4", "train.mixed_precision=bf16",
-                 "train.gradient_checkpointing=true", "train.max_steps=2", "train.save_every=2", "train.plot=false")  # fmt: skip
+    cfg = config(
+        model_dirs("llava"),
+        data,
+        tmp_path / "run",
+        "data.caption_format=plain",
+        "model.device=cuda",
+        "model.dtype=bfloat16",
+        "model.quantization=4bit",
+        "train.lora_r=4",
+        "train.mixed_precision=bf16",
+        "train.gradient_checkpointing=true",
+        "train.max_steps=2",
+        "train.save_every=2",
+        "train.plot=false",
+    )
     final = train(cfg)
     saved = load_file(str(final / WEIGHTS))
     assert any(".lora_B." in k and saved[k].abs().sum() > 0 for k in saved)
