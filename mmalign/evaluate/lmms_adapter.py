@@ -14,6 +14,7 @@ it is an optional extra (`pip install "mmalign[lmms]"`); without it this module 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ except ImportError:  # the adapter's logic works without it; lmms-eval itself is
             self._rank, self._world_size = 0, 1
 
 
+log = logging.getLogger(__name__)
 MODEL_ID = "mmalign"
 CLASS_PATH = "mmalign.evaluate.lmms_adapter.MMAlignLMMS"
 
@@ -61,11 +63,18 @@ class MMAlignLMMS(_LMMSBase):
         attn_implementation: str | None = None,
         model: Any = None,
         tokenizer: Any = None,
+        max_batch_size: Any = None,  # lmms-eval's --max_batch_size (for batch_size=auto), unused here
         **kwargs: Any,
     ) -> None:
-        """`model_args` arrive as strings (`pretrained=DIR,device=cuda,dtype=bfloat16,batch_size=16`);
-        a built `model` + `tokenizer` (+ `template`) may be passed instead of `pretrained`."""
+        """`model_args` arrive as strings (`pretrained=DIR,device=cuda,dtype=bfloat16`); a built
+        `model` + `tokenizer` (+ `template`) may be passed instead of `pretrained`."""
         super().__init__()
+        if kwargs:
+            log.warning("mmalign lmms-eval model: ignoring unknown model_args %s", sorted(kwargs))
+        try:
+            self.batch_size = int(batch_size)
+        except ValueError:
+            raise ValueError(f"mmalign lmms-eval model needs a number for batch_size, got {batch_size!r}") from None
         from mmalign.model import image_transform_for, load_model, template_of
 
         if model is None:
@@ -79,8 +88,19 @@ class MMAlignLMMS(_LMMSBase):
             raise ValueError("pass template=... with a built model")
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.image_transform = image_transform_for(model)
-        self.batch_size = int(batch_size)
         self.pretrained = pretrained
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> MMAlignLMMS:
+        """How lmms-eval builds the model. It always adds its own `--batch_size` (and `--device`,
+        `--max_batch_size` when set) to the `--model_args`; the base class passes both and fails
+        with "got multiple values for keyword argument" when a key is in both. Here a key given
+        in `--model_args` wins."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
 
     # ------------------------------------------------------------------ requests
 
@@ -137,44 +157,48 @@ class MMAlignLMMS(_LMMSBase):
 
     @torch.no_grad()
     def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
-        """log P(continuation | prompt + image) summed over its tokens, and whether greedy
-        decoding would produce exactly it. The continuation follows the template's assistant
-        prefix, as an answer does."""
+        """(loss, is_greedy) per request: the mean negative log-probability of the continuation's
+        tokens after the chat prompt, and whether greedy decoding gives exactly them.
+
+        A loss, not a log-probability: lmms-eval's multiple choice picks the *lowest* value
+        (`np.argmin` in `ConfigurableTask.process_results`), as its own models (llava, llava_hf)
+        return the mean token loss. lmms-eval puts its `target_delimiter` (" ") before each
+        choice; in a chat prompt the template's own answer prefix is that delimiter, so the
+        continuation is scored as an answer is trained: answer prefix + continuation without
+        its leading whitespace (vicuna_v1: " A", not "  A")."""
+        return [self._score(req) for req in requests]
+
+    def _score(self, req: Any) -> tuple[float, bool]:
         from mmalign.model import num_image_tokens
         from mmalign.prompts import build_generation_prompt, get_template, training_system, user_with_image
 
-        results = []
-        n_img = num_image_tokens(self.model.config)
-        device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
-        for req in requests:
+        if len(req.args) == 2:  # lmms-eval's unconditional requests (acc_mutual_info): ("", choice)
+            (context, continuation), image = req.args, None
+        else:
             context, target, doc_to_visual, doc_id, task, split = req.args
             continuation = target(self._doc(task, split, doc_id)) if callable(target) else target
-            if isinstance(continuation, list):
-                continuation = continuation[0]
             image = self._visual(doc_to_visual, task, split, doc_id)
-            q = self._question(context)
-            turns = [{"role": "user", "content": user_with_image(self.template, q) if image is not None else q}]
-            prompt = build_generation_prompt(
-                self.tokenizer, self.template, turns, n_img, system=training_system(self.template)
-            )
-            # as trained: the template's answer prefix (vicuna_v1: " ") comes before the answer
-            cont = self.tokenizer.encode(
-                get_template(self.template).answer_prefix + continuation, add_special_tokens=False
-            )
-            if not cont:
-                results.append((0.0, True))
-                continue
-            ids = torch.tensor([prompt + cont], device=device)
-            inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            if image is not None:
-                inputs["pixel_values"] = self.image_transform(image).unsqueeze(0).to(device, dtype)
-            logits = self.model(**inputs).logits[0, len(prompt) - 1 : -1].float()  # [len(cont), V]
-            logp = torch.log_softmax(logits, -1)
-            target_ids = torch.tensor(cont, device=device)
-            total = logp.gather(-1, target_ids[:, None]).sum().item()
-            results.append((total, bool((logits.argmax(-1) == target_ids).all())))
-        return results
+        if isinstance(continuation, list):
+            continuation = continuation[0]
+        q = self._question(context)
+        turns = [{"role": "user", "content": user_with_image(self.template, q) if image is not None else q}]
+        n_img = num_image_tokens(self.model.config)
+        prompt = build_generation_prompt(
+            self.tokenizer, self.template, turns, n_img, system=training_system(self.template)
+        )
+        answer = get_template(self.template).answer_prefix + str(continuation).lstrip()
+        cont = self.tokenizer.encode(answer, add_special_tokens=False)
+        if not cont:
+            return 0.0, True
+        param = next(self.model.parameters())
+        ids = torch.tensor([prompt + cont], device=param.device)  # [1, T]
+        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if image is not None:
+            inputs["pixel_values"] = self.image_transform(image).unsqueeze(0).to(param.device, param.dtype)
+        logits = self.model(**inputs).logits[0, len(prompt) - 1 : -1].float()  # [len(cont), V]
+        target_ids = torch.tensor(cont, device=param.device)
+        loss = torch.nn.functional.cross_entropy(logits, target_ids)  # mean over the continuation's tokens
+        return loss.item(), bool((logits.argmax(-1) == target_ids).all())
 
     def generate_until_multi_round(self, requests: list) -> list[str]:
         raise NotImplementedError("multi-round generation is not supported by the mmalign lmms-eval model")

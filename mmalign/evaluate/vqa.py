@@ -84,10 +84,10 @@ def exact_match(prediction: str, answer: str) -> float:
     return float(prediction.strip().rstrip(".").lower() == answer.strip().lower())
 
 
-def vizwiz_answer(prediction: str) -> str:
-    """VizWiz asks the model to say "Unanswerable"; any answer that says so is that answer."""
-    norm = normalize_answer(prediction)
-    return "unanswerable" if "unanswerable" in norm or not norm else prediction
+def says_unanswerable(prediction: str) -> bool:
+    """The answer, normalised, is "unanswerable" (VizWiz's answer for questions that cannot be
+    answered). Not "contains": a sentence about unanswerability is scored as it stands."""
+    return normalize_answer(prediction) == "unanswerable"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,8 +211,8 @@ def _by(records: list[dict[str, Any]], key: str, scores: list[float]) -> dict[st
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
-def score_soft(records: list[dict[str, Any]], answer: Callable[[str], str] = str.strip) -> dict[str, Any]:
-    scores = [vqa_accuracy(answer(r["prediction"]), r["truth"]["answers"]) for r in records]
+def score_soft(records: list[dict[str, Any]]) -> dict[str, Any]:
+    scores = [vqa_accuracy(r["prediction"], r["truth"]["answers"]) for r in records]
     return {
         "accuracy": sum(scores) / len(scores) if scores else 0.0,
         "n": len(scores),
@@ -221,11 +221,13 @@ def score_soft(records: list[dict[str, Any]], answer: Callable[[str], str] = str
 
 
 def score_vizwiz(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Soft accuracy with "unanswerable" answers recognised, plus how often the model says so
-    and how many truly unanswerable questions it flags."""
-    said = [vizwiz_answer(r["prediction"]) == "unanswerable" for r in records]
+    """Soft accuracy of the normalised answer as it stands, as lmms-eval's `vizwiz_vqa` and
+    LLaVA's submission script score it (an empty answer or one that merely contains
+    "unanswerable" is not that answer), plus how often the model answers "unanswerable" and how
+    many truly unanswerable questions it flags."""
+    said = [says_unanswerable(r["prediction"]) for r in records]
     truly = [not r["truth"]["answerable"] for r in records]
-    return score_soft(records, vizwiz_answer) | {
+    return score_soft(records) | {
         "unanswerable": {
             "said_unanswerable_rate": sum(said) / len(records) if records else 0.0,
             "recall": sum(s and t for s, t in zip(said, truly)) / sum(truly) if any(truly) else 0.0,

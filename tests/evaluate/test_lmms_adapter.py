@@ -1,6 +1,8 @@
-"""The lmms-eval adapter, without lmms-eval: requests shaped like lmms-eval's `Instance`s."""
+"""The lmms-eval adapter: requests shaped like lmms-eval's `Instance`s (no lmms-eval needed), then
+lmms-eval's own `Instance`s, model construction and multiple-choice selection code."""
 
 import importlib
+import os
 import sys
 import tomllib
 import types
@@ -86,34 +88,82 @@ def test_generate_until_cuts_at_until_and_refuses_sampling(adapter, monkeypatch)
         adapter.generate_until([gen_request(0, do_sample=True, temperature=0.7)])
 
 
-def test_loglikelihood_greedy_flag_and_ordering(adapter, tiny_model):
-    model, tok = tiny_model
-    # the model's most likely first answer token after the prompt
+def _ranked_tokens(model, tok, template, question, image):
+    """Single-token texts (no leading space) from most to least likely as the answer's first token."""
     from mmalign.model import num_image_tokens
-    from mmalign.prompts import build_generation_prompt, user_with_image
+    from mmalign.prompts import build_generation_prompt, training_system, user_with_image
 
-    turns = [{"role": "user", "content": user_with_image("minigpt4_v0", DOCS[0]["q"])}]
-    prompt = build_generation_prompt(tok, "minigpt4_v0", turns, num_image_tokens(model.config), system=None)
-    pixel = image_transform_for(model)(DOCS[0]["image"]).unsqueeze(0)
+    turns = [{"role": "user", "content": user_with_image(template, question)}]
+    prompt = build_generation_prompt(
+        tok, template, turns, num_image_tokens(model.config), system=training_system(template)
+    )
+    pixel = image_transform_for(model)(image).unsqueeze(0)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt]), pixel_values=pixel).logits[0, -1]
-    ranked = [
-        t
-        for t in logits.argsort(descending=True).tolist()
-        if tok.encode(tok.decode([t]), add_special_tokens=False) == [t]
-    ]
-    best, other = tok.decode([ranked[0]]), tok.decode([ranked[5]])
+    texts = [tok.decode([t]) for t in logits.argsort(descending=True).tolist()]
+    ranked = [(t, x) for t, x in zip(logits.argsort(descending=True).tolist(), texts) if x.strip() == x and x.isalpha()]
+    return [x for t, x in ranked if tok.encode(x, add_special_tokens=False) == [t]], torch.log_softmax(logits, -1)
+
+
+def test_loglikelihood_is_a_loss_with_greedy_flag(adapter, tiny_model):
+    model, tok = tiny_model
+    ranked, logp = _ranked_tokens(model, tok, "minigpt4_v0", DOCS[0]["q"], DOCS[0]["image"])
+    best, other = ranked[0], ranked[5]
 
     def req(cont):
         return FakeInstance("loglikelihood", ("<image>\n" + DOCS[0]["q"], cont, doc_to_visual, 0, "fake", "test"))
 
-    (lp_best, greedy_best), (lp_other, greedy_other), (lp_doc, _) = adapter.loglikelihood(
-        [req(best), req(other), req(lambda doc: best)]
-    )  # a doc_to_target callable works too
+    (loss_best, greedy_best), (loss_other, greedy_other), (loss_doc, _), (loss_spaced, _) = adapter.loglikelihood(
+        [req(best), req(other), req(lambda doc: best), req(" " + best)]
+    )  # a doc_to_target callable works too; lmms-eval's " " delimiter is the template's own
     assert greedy_best and not greedy_other
-    assert lp_best > lp_other
-    assert lp_best == pytest.approx(torch.log_softmax(logits, -1)[ranked[0]].item(), abs=1e-4)
-    assert lp_doc == pytest.approx(lp_best)
+    assert loss_best < loss_other  # lower is better, as lmms-eval's argmin expects
+    assert loss_best == pytest.approx(-logp[tok.convert_tokens_to_ids(tok.tokenize(best))[0]].item(), abs=1e-4)
+    assert loss_doc == pytest.approx(loss_best) and loss_spaced == pytest.approx(loss_best)
+
+
+def test_loglikelihood_vicuna_scores_the_trained_answer_not_a_double_space(tiny_spec):
+    """vicuna_v1 prompts end with "ASSISTANT:" and answers are trained as " A": lmms-eval's " A"
+    must score " A" (one space), whatever the delimiter, and a two-token continuation is a mean."""
+    from mmalign.model import build_model, num_image_tokens
+    from mmalign.prompts import build_generation_prompt, training_system, user_with_image
+
+    torch.manual_seed(0)
+    model, tok = build_model(tiny_spec("llava"))
+    a = MMAlignLMMS(model=model, tokenizer=tok, template="vicuna_v1")
+    a.task_dict = {"fake": {"test": DOCS}}
+    turns = [{"role": "user", "content": user_with_image("vicuna_v1", DOCS[0]["q"])}]
+    prompt = build_generation_prompt(
+        tok, "vicuna_v1", turns, num_image_tokens(model.config), system=training_system("vicuna_v1")
+    )
+    pixel = image_transform_for(model)(DOCS[0]["image"]).unsqueeze(0)
+
+    def mean_nll(text):
+        cont = tok.encode(text, add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + cont]), pixel_values=pixel).logits[0]
+        return torch.nn.functional.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(cont)).item()
+
+    ctx = "<image>\n" + DOCS[0]["q"]
+    got = [
+        loss
+        for loss, _ in a.loglikelihood(
+            [
+                FakeInstance("loglikelihood", (ctx, c, doc_to_visual, 0, "fake", "test"))
+                for c in (" red", "red", " a red circle")
+            ]
+        )
+    ]
+    assert got[0] == pytest.approx(mean_nll(" red"), abs=1e-5) and got[1] == pytest.approx(got[0])
+    assert got[0] != pytest.approx(mean_nll("  red"), abs=1e-5)  # the double space the old adapter scored
+    assert len(tok.encode(" a red circle", add_special_tokens=False)) > 1
+    assert got[2] == pytest.approx(mean_nll(" a red circle"), abs=1e-5)
+
+
+def test_unconditional_two_argument_requests(adapter):
+    """lmms-eval's acc_mutual_info adds ("", choice) requests: two arguments, no image."""
+    ((loss, greedy),) = adapter.loglikelihood([FakeInstance("loglikelihood", ("", " red"))])
+    assert loss > 0 and isinstance(greedy, bool)
 
 
 def test_entry_point_declared_and_manifest(monkeypatch):
@@ -140,8 +190,81 @@ def test_entry_point_declared_and_manifest(monkeypatch):
     assert "lmms" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 
 
-def test_from_model_args_strings(tiny_dir):
+def test_model_args_strings_and_unknown_keys(tiny_dir, caplog):
     a = lmms_adapter.MMAlignLMMS(pretrained=str(tiny_dir), batch_size="4", device="cpu")
     assert a.template == "minigpt4_v0" and a.batch_size == 4
     with pytest.raises(ValueError, match="pretrained"):
         lmms_adapter.MMAlignLMMS()
+    with pytest.raises(ValueError, match="number for batch_size"):
+        lmms_adapter.MMAlignLMMS(pretrained=str(tiny_dir), batch_size="auto")
+    with caplog.at_level("WARNING"):
+        lmms_adapter.MMAlignLMMS(pretrained=str(tiny_dir), max_batch_size=None, pretrainde="typo")
+    assert "pretrainde" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# against lmms-eval itself (installed --no-deps in CI: .ci/run)
+
+
+def _lmms_eval(module):
+    """lmms-eval's module; CI installs it, so there a missing one fails instead of skipping."""
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+def test_lmms_eval_builds_it_with_batch_size_in_both_places(tiny_dir):
+    """lmms-eval always adds its own --batch_size to --model_args: `batch_size=16` in both used
+    to raise "got multiple values for keyword argument 'batch_size'"."""
+    _lmms_eval("lmms_eval.api.model")
+    a = MMAlignLMMS.create_from_arg_string(
+        f"pretrained={tiny_dir},batch_size=16,device=cpu", {"batch_size": "1", "max_batch_size": None, "device": "cpu"}
+    )
+    assert a.batch_size == 16 and a.template == "minigpt4_v0"
+    assert MMAlignLMMS.create_from_arg_string(f"pretrained={tiny_dir}", {"batch_size": "4"}).batch_size == 4
+
+
+class _ChoiceTask:
+    """The attributes lmms-eval's `ConfigurableTask.construct_requests` / `process_results` read
+    for an `output_type: multiple_choice` task; their code runs unchanged on it."""
+
+    OUTPUT_TYPE = "multiple_choice"
+    multiple_input = False
+    multiple_target = False
+
+    def __init__(self, docs, choices):
+        self.dataset = {"test": docs}
+        self.config = types.SimpleNamespace(task="fake", target_delimiter=" ", process_results=None)
+        self._metric_fn_list = {"acc": None, "acc_norm": None}
+        self._choices = choices
+
+    def doc_to_choice(self, doc):
+        return self._choices
+
+    def doc_to_target(self, doc):
+        return doc["gold"]
+
+    @staticmethod
+    def doc_to_visual(doc):
+        return [doc["image"]]
+
+
+def test_lmms_eval_multiple_choice_picks_the_most_likely_choice(adapter, tiny_model):
+    """lmms-eval's own Instances and selection code (argmin over what loglikelihood returns)
+    on the adapter's outputs: the choice the model finds most likely is picked."""
+    task_module = _lmms_eval("lmms_eval.api.task")
+    model, tok = tiny_model
+    ranked, _ = _ranked_tokens(model, tok, "minigpt4_v0", DOCS[0]["q"], DOCS[0]["image"])
+    choices = [ranked[7], ranked[0], ranked[3]]  # the most likely in the middle
+    docs = [dict(DOCS[0], gold=1), dict(DOCS[0], gold=0)]
+    task = _ChoiceTask(docs, choices)
+    adapter.task_dict = {"fake": {"test": docs}}
+    for doc_id, doc in enumerate(docs):
+        meta = {"task": "fake", "doc_id": doc_id, "repeats": 1, "split": "test"}
+        reqs = task_module.ConfigurableTask.construct_requests(
+            task, doc_id=doc_id, ctx="<image>\n" + doc["q"], metadata=meta
+        )
+        assert all(isinstance(r, task_module.Instance) for r in reqs) and reqs[0].args[1] == " " + choices[0]
+        results = adapter.loglikelihood(reqs)
+        scores = task_module.ConfigurableTask.process_results.__wrapped__(task, doc, results)
+        assert scores["acc"] == float(doc["gold"] == 1)  # right for gold 1, wrong for gold 0

@@ -1,6 +1,7 @@
 """VQA: official answer normalisation and soft accuracy, GQA exact match, VizWiz, loaders."""
 
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -13,7 +14,7 @@ from mmalign.evaluate.vqa import (
     VQAV2,
     exact_match,
     normalize_answer,
-    vizwiz_answer,
+    says_unanswerable,
     vqa_accuracy,
 )
 
@@ -68,12 +69,42 @@ def test_vqa_accuracy_hand_computed():
         vqa_accuracy("x", [])
 
 
-def test_exact_match_and_vizwiz():
+def test_exact_match_and_says_unanswerable():
     assert exact_match("Yes.", "yes") == 1.0 and exact_match("a table", "table") == 0.0
-    assert vizwiz_answer("Unanswerable.") == "unanswerable"
-    assert vizwiz_answer("The question is unanswerable") == "unanswerable"
-    assert vizwiz_answer("") == "unanswerable"
-    assert vizwiz_answer("soup") == "soup"
+    assert says_unanswerable("Unanswerable.") and says_unanswerable("  unanswerable")
+    assert not says_unanswerable("The question is unanswerable") and not says_unanswerable("")
+
+
+VIZWIZ_ANSWERS = ["unanswerable"] * 6 + ["soup"] * 3 + ["tomato soup"]
+VIZWIZ_PREDICTIONS = ["Unanswerable", "The question is unanswerable", "", "unanswerable.", "Soup", "soup, unanswerable"]
+
+
+def test_vizwiz_scores_the_answer_as_it_stands():
+    """An empty answer or a sentence containing "unanswerable" is not the answer "unanswerable"
+    (the old scorer turned both into it and inflated accuracy)."""
+    recs = [{"prediction": p, "truth": {"answers": VIZWIZ_ANSWERS, "answerable": 0}} for p in VIZWIZ_PREDICTIONS]
+    per = [VIZWIZ.score([r])["accuracy"] for r in recs]
+    assert per == [1.0, 0.0, 0.0, 1.0, pytest.approx(0.9), 0.0]
+    assert VIZWIZ.score(recs)["unanswerable"] == {
+        "said_unanswerable_rate": pytest.approx(2 / 6),
+        "recall": pytest.approx(2 / 6),
+    }
+
+
+def test_vizwiz_equals_lmms_eval_process_results():
+    """lmms-eval's own `vizwiz_vqa_process_results` (EvalAI normalisation, leave-one-out) on the
+    same answers gives the same accuracy per prediction (CI installs lmms-eval)."""
+    if os.environ.get("CI"):
+        from lmms_eval.tasks.vizwiz_vqa.utils import vizwiz_vqa_process_results
+    else:
+        vizwiz_vqa_process_results = pytest.importorskip("lmms_eval.tasks.vizwiz_vqa.utils").vizwiz_vqa_process_results
+    answers_sets = [VIZWIZ_ANSWERS, ["blue"] * 2 + ["dark blue"] * 8, ["2"] * 5 + ["two"] * 5]
+    preds = [*VIZWIZ_PREDICTIONS, "Dark-blue", "blue.", "Two", "the 2", "none"]
+    for answers in answers_sets:
+        for p in preds:
+            ref = vizwiz_vqa_process_results({"answers": list(answers), "question_id": "q"}, [p])["exact_match"]
+            ours = VIZWIZ.score([{"prediction": p, "truth": {"answers": answers, "answerable": 1}}])["accuracy"]
+            assert ours == pytest.approx(ref), (p, answers)
 
 
 def _img(path):
