@@ -7,8 +7,11 @@ the same stem; the questions already end with "Please answer yes or no.".
 
 Per sub-task: accuracy (questions right) and accuracy+ (images with both questions right),
 both in percent; score = accuracy + accuracy+ (max 200). Perception and cognition totals are
-the sums over their sub-tasks. Answers parse as MME's tool does: "yes" / "no" after lower-casing
-and dropping periods, else by "yes" / "no" in the first 4 characters, else "other" (wrong).
+the sums over their sub-tasks. Answers parse as MME's tool (`eval_tool/calculation.py`) does:
+lower-cased, "yes" / "no" exactly, else by "yes" / "no" in the first 4 characters, else "other"
+(wrong). Our own generations are stripped first (a leading space is the tokenizer's, not the
+model's answer); a results folder in the tool's own format (`read_results_dir`) is scored
+exactly as the tool scores it, unstripped ("  yes" is "other" there).
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 
 
-def mme_answer(text: str) -> str:
-    """MME's parsing: "yes", "no" or "other"."""
-    t = text.lower().strip().replace(".", "")
+def mme_answer(text: str, strip: bool = True) -> str:
+    """MME's parsing: "yes", "no" or "other". `strip=False` is the tool's own, character for
+    character (it reads the answer with its line's newline, which changes nothing)."""
+    t = text.lower()
+    if strip:
+        t = t.strip()
     if t in ("yes", "no"):
         return t
     head = t[:4]
@@ -82,13 +88,35 @@ def load_mme(data: Path | None, images: Path | None, options: dict[str, Any]) ->
     return samples
 
 
+def read_results_dir(folder: Path) -> list[dict[str, Any]]:
+    """Records from a results folder in MME's tool layout: `{subtask}.txt`, one line per question,
+    `image<TAB>question<TAB>Yes|No<TAB>prediction`, an image's two questions on consecutive lines
+    (the tool pairs lines two by two). The records are marked to be parsed as the tool parses."""
+    records = []
+    for task in (*PERCEPTION, *COGNITION):
+        path = folder / f"{task}.txt"
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines()
+        if len(lines) % 2:
+            raise ValueError(f"{path}: {len(lines)} lines; MME's tool needs two per image")
+        for n, line in enumerate(lines):
+            parts = line.split("\t")
+            if len(parts) != 4 or parts[2].lower() not in ("yes", "no"):
+                raise ValueError(f"{path} line {n + 1}: not 'image<TAB>question<TAB>Yes|No<TAB>prediction'")
+            truth = {"subtask": task, "image": f"{n // 2}:{parts[0]}", "answer": parts[2].lower(), "tool_parse": True}
+            records.append({"id": f"{task}/{n}", "prompt": parts[1], "prediction": parts[3], "truth": truth})
+    if not records:
+        raise FileNotFoundError(f"{folder}: no MME results file ({', '.join(PERCEPTION + COGNITION)}).txt")
+    return records
+
+
 def score_mme(records: list[dict[str, Any]]) -> dict[str, Any]:
     by_task: dict[str, dict[str, list[bool]]] = {}
     for r in records:
         t = r["truth"]
-        by_task.setdefault(t["subtask"], {}).setdefault(t["image"], []).append(
-            mme_answer(r["prediction"]) == t["answer"]
-        )
+        answer = mme_answer(r["prediction"], strip=not t.get("tool_parse", False))
+        by_task.setdefault(t["subtask"], {}).setdefault(t["image"], []).append(answer == t["answer"])
     out: dict[str, Any] = {"subtasks": {}}
     for task, images in by_task.items():
         answers = [ok for oks in images.values() for ok in oks]

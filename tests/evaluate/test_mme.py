@@ -88,3 +88,48 @@ def test_mme_needs_its_folders(tmp_path):
         TASK.load(tmp_path, None, {})
     with pytest.raises(ValueError, match="folder"):
         TASK.load(None, None, {})
+
+
+@pytest.mark.parametrize("text", ["  yes", "   no", "   No, there is none"])
+def test_tool_parsing_does_not_strip(text):
+    """MME's tool parses the answer as written: two leading spaces push "yes" out of the first
+    4 characters. Our own generations are stripped first."""
+    assert mme_answer(text, strip=False) == "other"
+    assert mme_answer(text) in ("yes", "no")
+
+
+# what MME's eval_tool/calculation.py prints for these files (run on them by hand):
+# existence score 75.0 (acc 50 + acc+ 25), code_reasoning score 125.0 (acc 75 + acc+ 50)
+TOOL_RESULTS = {
+    "existence.txt": [
+        "a.jpg\tIs there a dog?\tYes\tYes",
+        "a.jpg\tIs there a cat?\tNo\t   no",  # "other" for the tool: "no" is not in its first 4 characters
+        "b.jpg\tIs there a dog?\tYes\tyes, there is",
+        "b.jpg\tIs there a cat?\tNo\tNo.",
+        "c.jpg\tIs there a dog?\tYes\tNo",
+        "c.jpg\tIs there a cat?\tNo\tYes",
+        "d.jpg\tIs there a dog?\tYes\t yes",  # " yes" still has "yes" in its first 4 characters
+        "d.jpg\tIs there a cat?\tNo\t",  # empty: other
+    ],
+    "code_reasoning.txt": [
+        "c.png\tDoes it print 3?\tYes\tYes",
+        "c.png\tDoes it print 4?\tNo\tno",
+        "d.png\tDoes it print 5?\tYes\t  yes",  # other
+        "d.png\tDoes it print 6?\tNo\tnothing",  # "no" in its first 4 characters
+    ],
+}
+
+
+def test_results_dir_is_scored_as_mme_tool(tmp_path):
+    from mmalign.evaluate.mme import read_results_dir
+
+    for name, lines in TOOL_RESULTS.items():
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    m = TASK.score(read_results_dir(tmp_path))
+    ex, cr = m["subtasks"]["existence"], m["subtasks"]["code_reasoning"]
+    assert (ex["accuracy"], ex["accuracy_plus"], ex["score"]) == (50.0, 25.0, 75.0)
+    assert (cr["accuracy"], cr["accuracy_plus"], cr["score"]) == (75.0, 50.0, 125.0)
+    assert (m["perception"], m["cognition"]) == (75.0, 125.0)
+    (tmp_path / "count.txt").write_text("x.jpg\tq\tYes\tyes\n")
+    with pytest.raises(ValueError, match="two per image"):
+        read_results_dir(tmp_path)
