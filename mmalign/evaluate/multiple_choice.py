@@ -1,11 +1,14 @@
-"""Multiple choice, MMBench style: circular evaluation over rotated options.
+"""Multiple choice, MMBench style: circular evaluation over the released rotated copies.
 
-MMBench's TSV has one question per row: `index, question, hint, A, B, C, D[, E...], answer,
-category, image` (image base64-encoded, or the index of an earlier row with the same image).
-Each question is asked once per rotation of its options (A..D -> B..D,A -> ...); under circular
-evaluation it counts as right only if every rotation is answered right. The prompt is LLaVA's:
-hint, question, one "X. option" line per option, then "Answer with the option's letter from the
-given choices directly."
+MMBench's TSV has one row per question *as asked*: `index, question, hint, A, B, C, D[, E...],
+answer, category, image` (image base64-encoded, or the index of an earlier row with the same
+image). The released files already hold the circular copies: a question with options A..D
+comes back as rows `index + k * 1e6` with its options rotated and its answer letter moved, and
+`index % 1e6` names the question (VLMEvalKit's `g_index`). Rows are read as released: every row
+is asked once, a question counts under circular evaluation only if all its rows are right, and
+the row with `index == g_index` is its single-pass answer. The prompt is LLaVA's: hint,
+question, one "X. option" line per option, then "Answer with the option's letter from the
+given choices directly." Answers are matched as VLMEvalKit's exact matching (`can_infer`) does.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from mmalign.evaluate.runner import OPTION_LETTER, Sample, Task
 
 log = logging.getLogger(__name__)
 LETTERS = "ABCDEFGHI"
+CIRCULAR_OFFSET = 1_000_000  # copy k of question q has index q + k * 1e6
 
 
 def _missing(value: str | None) -> bool:
@@ -35,28 +39,60 @@ def build_prompt(question: str, hint: str | None, options: list[str]) -> str:
     return f"{text}\n{OPTION_LETTER}"
 
 
-def parse_choice(text: str, options: dict[str, str]) -> str | None:
-    """The option letter an answer picks: a leading letter ("B", "B.", "(B) ..."), else exactly
-    one standalone letter among the options ("A" / "I" before a lower-case word are the article
-    and the pronoun, as in "A dog"), else exactly one option's text; None otherwise."""
-    t = text.strip()
-    m = re.match(r"^\(?([A-I])(?:[).:]|\s*$)", t)
-    if m and m[1] in options:
-        return m[1]
-    letters = {
-        m[1]
-        for m in re.finditer(r"\b([A-I])\b", t)
-        if m[1] in options and not (m[1] in "AI" and re.match(r" [a-z]", t[m.end() :]))
-    }
-    if len(letters) == 1:
-        return letters.pop()
-    hits = [k for k, v in options.items() if v.strip() and v.strip().lower() in t.lower()]
+# VLMEvalKit `vlmeval/utils/matching_util.py`: what `can_infer_option` treats as separators, as
+# refusals (its "Z", no option) and as an explicit verdict
+_SEPARATORS = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+_ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+_NO_OPTION = "Z"
+
+
+def _option_letter(text: str, options: dict[str, str]) -> str | None:
+    """VLMEvalKit's `can_infer_option`: exactly one option letter standing as a word among the
+    last 4 words ("A dog" is A), "Z" for a refusal or a lone "Z", else "answer is X"."""
+    if "Failed to obtain answer via API" in text:
+        return None
+    if any(r in text for r in _REFUSALS):
+        return _NO_OPTION
+    words = text.translate(_SEPARATORS).split()
+    named = [k for k in options if k in words]
+    if len(named) == 1 and words.index(named[0]) > len(words) - 5:
+        return named[0]
+    if not named and _NO_OPTION in words:
+        return _NO_OPTION
+    m = _ANSWER_IS.search(text)
+    return m[1].upper() if m and m[1].upper() in options else None
+
+
+def _option_text(text: str, options: dict[str, str]) -> str | None:
+    """VLMEvalKit's `can_infer_text`: exactly one option's text inside a short enough answer."""
+    t = text.lower()
+    if len(t) > 2 * sum(len(str(v)) for v in options.values()):
+        return None
+    hits = [k for k, v in options.items() if str(v).lower() in t]
     return hits[0] if len(hits) == 1 else None
 
 
+def parse_choice(text: str, options: dict[str, str]) -> str | None:
+    """The option letter an answer picks, as VLMEvalKit's exact matching (`can_infer`) reads it:
+    a letter first, else an option's text; None when nothing matches or the model refuses."""
+    letter = _option_letter(str(text), options) or _option_text(str(text), options)
+    return None if letter == _NO_OPTION else letter
+
+
+def _image_of(rows: list[dict[str, str]]) -> dict[str, str]:
+    return {r["index"]: r.get("image", "") for r in rows}
+
+
 def load_mmbench(data: Path | None, images: Path | None, options: dict[str, Any]) -> list[Sample]:
-    """`data`: an MMBench TSV (e.g. `mmbench_dev_20230712.tsv`). Rows without an answer (test
-    split) are still asked; scoring skips them."""
+    """`data`: an MMBench TSV as released (e.g. `mmbench_dev_20230712.tsv`), every row asked once.
+    `limit` N: the rows of the first N questions; `circular=False`: only each question's main
+    row. Rows without an answer (test split) are still asked; scoring skips them."""
     if data is None or not data.is_file():
         raise ValueError(f"--task mmbench needs --data MMBENCH.tsv; got {data}")
     from PIL import Image
@@ -66,65 +102,65 @@ def load_mmbench(data: Path | None, images: Path | None, options: dict[str, Any]
         rows = list(csv.DictReader(f, delimiter="\t"))
     if rows and not {"index", "question", "A", "B"} <= set(rows[0]):
         raise ValueError(f"{data}: not an MMBench TSV (need columns index, question, A, B, ...; got {sorted(rows[0])})")
-    image_of = {r["index"]: r.get("image", "") for r in rows}
-    samples: list[Sample] = []
-    circular = options.get("circular", True)
+    image_of, samples, groups = _image_of(rows), [], []
     for n, row in enumerate(rows, 2):
-        opts = [row[x] for x in LETTERS if x in row and not _missing(row[x])]
+        index = int(float(row["index"]))
+        group = index % CIRCULAR_OFFSET
+        if (options.get("circular") is False and index != group) or (
+            options.get("limit") and group not in groups and len(groups) >= options["limit"]
+        ):
+            continue
+        opts = {x: row[x] for x in LETTERS if x in row and not _missing(row[x])}
         img = row.get("image", "")
         if len(img) < 64 and img in image_of:  # a reference to another row's image
             img = image_of[img]
         if len(opts) < 2 or _missing(row.get("question")) or _missing(img):
-            log.warning(
-                "%s line %d (index %s): skipped, needs a question, an image and >= 2 options", data, n, row.get("index")
-            )
+            log.warning("%s line %d (index %s): skipped, needs a question, an image and >= 2 options", data, n, index)
             continue
-        answer = None if _missing(row.get("answer")) else row["answer"].strip()
-        for r in range(len(opts) if circular else 1):
-            rotated = opts[r:] + opts[:r]
-            letter = None if answer is None else LETTERS[(LETTERS.index(answer) - r) % len(opts)]
-            truth = {
-                "index": row["index"],
-                "rotation": r,
-                "answer": letter,
-                "category": row.get("category", ""),
-                "options": {LETTERS[i]: o for i, o in enumerate(rotated)},
-            }
-            samples.append(
-                Sample(
-                    f"{row['index']}/{r}",
-                    build_prompt(row["question"], row.get("hint"), rotated),
-                    lambda b=img: Image.open(io.BytesIO(base64.b64decode(b))),
-                    truth,
-                    max_new_tokens=8,
-                )
+        groups += [group] if group not in groups else []
+        truth = {
+            "index": index,
+            "group": group,
+            "answer": None if _missing(row.get("answer")) else row["answer"].strip(),
+            "category": row.get("category", ""),
+            "options": opts,
+        }
+        samples.append(
+            Sample(
+                str(index),
+                build_prompt(row["question"], row.get("hint"), list(opts.values())),
+                lambda b=img: Image.open(io.BytesIO(base64.b64decode(b))),
+                truth,
+                max_new_tokens=8,
             )
-        if options.get("limit") and len({s.truth["index"] for s in samples}) >= options["limit"]:
-            break
+        )
     return samples
 
 
 def score_mc(records: list[dict[str, Any]]) -> dict[str, Any]:
-    by_q: dict[str, list[tuple[int, bool]]] = {}
-    category: dict[str, str] = {}
+    """Per question (`group`): circular = every released row right; single pass = the main row
+    (`index == group`) right. A group without its main row is not scored, as in VLMEvalKit."""
+    by_q: dict[int, dict[int, bool]] = {}
     for r in records:
         t = r["truth"]
-        if t["answer"] is None:
-            continue
-        by_q.setdefault(t["index"], []).append(
-            (t["rotation"], parse_choice(r["prediction"], t["options"]) == t["answer"])
-        )
-        category[t["index"]] = t.get("category", "")
-    circ = {q: all(ok for _, ok in v) for q, v in by_q.items()}
-    first = {q: next((ok for rot, ok in v if rot == 0), False) for q, v in by_q.items()}
+        if t["answer"] is not None:
+            by_q.setdefault(t["group"], {})[t["index"]] = parse_choice(r["prediction"], t["options"]) == t["answer"]
+    category = {
+        r["truth"]["group"]: r["truth"].get("category", "")
+        for r in records
+        if r["truth"]["index"] == r["truth"]["group"]
+    }
+    by_q = {q: rows for q, rows in by_q.items() if q in rows}
+    circ = {q: all(rows.values()) for q, rows in by_q.items()}
     cats: dict[str, list[bool]] = {}
     for q, ok in circ.items():
         cats.setdefault(category[q] or "all", []).append(ok)
     n = len(by_q)
     return {
         "circular_accuracy": sum(circ.values()) / n if n else 0.0,
-        "single_pass_accuracy": sum(first.values()) / n if n else 0.0,
+        "single_pass_accuracy": sum(rows[q] for q, rows in by_q.items()) / n if n else 0.0,
         "n_questions": n,
+        "n_rows": sum(map(len, by_q.values())),
         "by_category": {c: sum(v) / len(v) for c, v in sorted(cats.items())},
     }
 
