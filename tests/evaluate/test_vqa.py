@@ -1,5 +1,6 @@
 """VQA: official answer normalisation and soft accuracy, GQA exact match, VizWiz, loaders."""
 
+import importlib
 import json
 import os
 
@@ -18,33 +19,32 @@ from mmalign.evaluate.vqa import (
     vqa_accuracy,
 )
 
+NORMALIZE_CASES = [
+    ("Two", "2"),
+    ("two dogs", "2 dogs"),
+    ("none", "0"),
+    ("ten.", "10"),
+    ("eleven", "eleven"),  # only zero..ten (and none) become digits
+    ("A dog", "dog"),
+    ("the red one", "red 1"),
+    ("an apple", "apple"),
+    ("Yes.", "yes"),
+    ("3.5", "3.5"),  # a decimal point stays
+    ("1,000", "1000"),
+    ("dont", "don't"),
+    ("isnt it", "isn't it"),
+    ("couldnt've", "couldn't've"),
+    ("its", "its"),  # a word of its own, not a contraction
+    ("black-and-white", "black and white"),  # a joined punctuation mark becomes a space
+    ("black - white", "black white"),  # a spaced one is dropped
+    ("(left)", "left"),
+    ("what?!", "what"),
+    ("man's hat", "man 's hat"),
+    ("  Red\n", "red"),
+]
 
-@pytest.mark.parametrize(
-    "raw, norm",
-    [
-        ("Two", "2"),
-        ("two dogs", "2 dogs"),
-        ("none", "0"),
-        ("ten.", "10"),
-        ("eleven", "eleven"),  # only zero..ten (and none) become digits
-        ("A dog", "dog"),
-        ("the red one", "red 1"),
-        ("an apple", "apple"),
-        ("Yes.", "yes"),
-        ("3.5", "3.5"),  # a decimal point stays
-        ("1,000", "1000"),
-        ("dont", "don't"),
-        ("isnt it", "isn't it"),
-        ("couldnt've", "couldn't've"),
-        ("its", "its"),  # a word of its own, not a contraction
-        ("black-and-white", "black and white"),  # a joined punctuation mark becomes a space
-        ("black - white", "black white"),  # a spaced one is dropped
-        ("(left)", "left"),
-        ("what?!", "what"),
-        ("man's hat", "man 's hat"),
-        ("  Red\n", "red"),
-    ],
-)
+
+@pytest.mark.parametrize("raw, norm", NORMALIZE_CASES)
 def test_normalize_answer(raw, norm):
     assert normalize_answer(raw) == norm
 
@@ -187,3 +187,19 @@ def test_gqa_textvqa_vizwiz_loaders(tmp_path):
     )
     assert m["accuracy"] == 0.5
     assert m["unanswerable"] == {"said_unanswerable_rate": 1.0, "recall": 1.0}
+
+
+def test_normalize_answer_equals_lmms_eval_evalai_processor():
+    """lmms-eval's copy of the EvalAI answer processor (the official VQA normalisation) gives the
+    same string for every answer of the table above and a few harder ones."""
+    module = "lmms_eval.tasks._task_utils.vqa_eval_metric"
+    processor = importlib.import_module(module) if os.environ.get("CI") else pytest.importorskip(module)
+    evalai = processor.EvalAIAnswerProcessor()
+    raws = [raw for raw, _ in NORMALIZE_CASES] + [
+        "It's 3.5 o'clock, isnt it?",
+        "a man's dog.",
+        "1,000,000 -ish",
+        "twas",
+    ]
+    for raw in raws:
+        assert normalize_answer(raw) == evalai(raw), raw
