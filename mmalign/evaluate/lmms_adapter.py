@@ -8,8 +8,8 @@ through `@register_model`, applied here when lmms-eval is importable. The class 
 greedy path as `mmalign eval`.
 
 lmms-eval needs torchvision and other heavy packages that do not install beside every torch, so
-it is an optional extra (`pip install "mmalign[lmms]"`); without it this module still imports
-(the base class falls back to a plain one) so the request -> generation logic is testable.
+it is an optional extra, installed with the user's torch pinned (docs/eval.md); without it this
+module still imports (the base class falls back to a plain one) so the request logic is testable.
 """
 
 from __future__ import annotations

@@ -258,6 +258,7 @@ def test_reference_vocabulary_reproduces_the_original_code():
         ("A cat/dog.", [], ["cat", "dog"]),
         ("At 3 o'clock.", [], []),  # one token: no clock (the old regex split it)
         ("Two persons and grandchildren.", ["person", "person"], ["person", "person"]),
+        ("Two calfs and peoples.", ["cow", "person"], ["cow", "person"]),
         ("The seat of the urinal.", ["chair", "toilet"], ["toilet"]),  # seat only with the word toilet
         ("The seat of the toilet.", ["toilet"], ["toilet"]),
         ("A knive and a phon.", ["knife", "cell phone"], []),  # artefacts in synonyms.txt
