@@ -232,10 +232,16 @@ class PhraseVocabulary:
     def names(self, text: str) -> list[str]:
         return [m.name for m in self(text)]
 
+
+class CocoVocabulary(PhraseVocabulary):
+    """A `PhraseVocabulary` on the reference's nltk words, where a slash separates words
+    ("cat/dog") and a hyphenated word is the phrase its parts spell when that is a vocabulary
+    phrase ("hot-dog", "teddy-bear"), else one word that names nothing ("man-made")."""
+
+    def __init__(self, phrases: dict[str, str | None], suppress: dict[str, str] | None = None):
+        super().__init__(phrases, suppress, split=self.compound_words)
+
     def compound_words(self, text: str) -> list[str]:
-        """`tokenize`, then a slash separates words ("cat/dog") and a hyphenated token is the
-        phrase its parts spell when that is a vocabulary phrase ("hot-dog", "teddy-bear"),
-        else one word that names nothing ("man-made")."""
         out: list[str] = []
         for token in tokenize(text):
             for part in token.split("/"):
@@ -267,7 +273,7 @@ VOCABULARIES = ("default", "reference")
 
 
 @lru_cache(maxsize=2)
-def coco_vocabulary(kind: str = "default") -> PhraseVocabulary | ReferenceVocabulary:
+def coco_vocabulary(kind: str = "default") -> CocoVocabulary | ReferenceVocabulary:
     """The 80 COCO categories with CHAIR's synonyms. `default`: every word in singular and plural,
     phrases longest first, qualifiers, fixed phrases and suppressions (docs/eval.md lists how it
     departs from the original); `reference`: the original code's counts, bugs included."""
@@ -285,9 +291,7 @@ def coco_vocabulary(kind: str = "default") -> PhraseVocabulary | ReferenceVocabu
     for qualifier, nouns in data["qualifiers"].items():
         for noun in nouns:
             phrases[f"{qualifier} {noun}"] = phrases.get(noun)  # None when the noun names no category
-    vocab = PhraseVocabulary(phrases, data["suppress"])
-    vocab.split = vocab.compound_words
-    return vocab
+    return CocoVocabulary(phrases, data["suppress"])
 
 
 # ---------------------------------------------------------------------------------------------
