@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmalign.config import DataConfig, SourceConfig
+from mmalign.config import DataConfig, SourceConfig, with_fallbacks
 from mmalign.data.sampling import LengthGroupedSampler
 from mmalign.data.sources import (
     CaptionRecord,
@@ -124,6 +124,7 @@ def dataset_from_config(
     draws (per epoch); ``batch_size`` (per device) is needed for ``data.mix: batch``; ``rank`` /
     ``world`` default to torch.distributed / env; ``skip_log`` keeps the JSONL of every skipped
     sample (default: a temporary file, read by ``.skipped``)."""
+    cfg = with_fallbacks(cfg)
     encode = _encoder(cfg, tokenizer, num_image_tokens)
     skips = SkipCounter(path=skip_log)
     opts = dict(seed=seed, rank=rank, world=world)

@@ -30,11 +30,11 @@ from transformers import (
 )
 
 from mmalign.model import MiniGPT4PatchForConditionalGeneration, load_model, num_image_tokens, template_of
+from mmalign.model.architectures import ARCHITECTURES
 from mmalign.model.convert import (
     LLAVA_RENAMES,
     MINIGPT4_IGNORED,
     MINIGPT4_RENAMES,
-    PREFIXES,
     ConversionError,
     convert_llava,
     convert_minigpt4,
@@ -394,10 +394,15 @@ def test_rename_tables_are_two_way():
     names = ["visual_encoder." + n for n in eva_tensors()] + list(blip2_tensors())
     names += ["llama_proj.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
     for arch in ("blip-2", "minigpt4_patch"):
-        _, origin = rename(dict.fromkeys(names, torch.zeros(1)), MINIGPT4_RENAMES, MINIGPT4_IGNORED, PREFIXES[arch])
+        _, origin = rename(
+            dict.fromkeys(names, torch.zeros(1)),
+            MINIGPT4_RENAMES,
+            MINIGPT4_IGNORED,
+            ARCHITECTURES[arch].conversion_prefixes,
+        )
         assert len(origin) > 50
         for target, orig in origin.items():
-            assert original_name(target, MINIGPT4_RENAMES, PREFIXES[arch]) == orig
+            assert original_name(target, MINIGPT4_RENAMES, ARCHITECTURES[arch].conversion_prefixes) == orig
     assert original_name("model.multi_modal_projector.linear_2.bias", LLAVA_RENAMES, {}) == "model.mm_projector.2.bias"
 
 
