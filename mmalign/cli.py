@@ -20,9 +20,13 @@ def _load_config(a: argparse.Namespace):
 
 
 def _train(a: argparse.Namespace) -> None:
+    from mmalign.data import DataError
     from mmalign.train.loop import train
 
-    print(train(_load_config(a)))
+    try:
+        print(train(_load_config(a)))
+    except DataError as e:  # unusable data, found before the model loads: named, not a traceback
+        raise SystemExit(f"mmalign train: error: {e}") from None
 
 
 def _chat(a: argparse.Namespace) -> None:
