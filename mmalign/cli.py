@@ -65,9 +65,13 @@ def add_train(sub, parents) -> None:
 
 
 def run_train(a: argparse.Namespace) -> None:
+    from mmalign.data import DataError
     from mmalign.train.loop import train
 
-    print(train(_load_config(a)))
+    try:
+        print(train(_load_config(a)))
+    except DataError as e:  # unusable data, found before the model loads: named, not a traceback
+        raise _fail("train", e) from None
 
 
 def add_export(sub, parents) -> None:

@@ -104,6 +104,7 @@ MINIGPT4_IGNORED: dict[str, str] = {
     r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\..+": "the Q-Former's text feed-forward "
     "(queries use *_query; MiniGPT-4 deletes it)",
     r"(t5_proj|opt_proj|vision_proj|text_proj|itm_head)\..+|temp": "BLIP-2's own heads",
+    r"(t5_model|opt_model)\..+": "BLIP-2's own language model (MiniGPT-4 runs its LLM instead)",
     r".+\.rotary_emb\.inv_freq": "recomputed from the config",
 }
 
@@ -243,16 +244,30 @@ def load_original(path: str | Path, *, allow_pickle: bool = False) -> Tensors:
     return dict(state)
 
 
-def _merge(sources: dict[str, Tensors]) -> Tensors:
-    """One name space from several files; a tensor given by two files is an error."""
+def _merge(sources: dict[str, Tensors]) -> tuple[Tensors, dict[str, str]]:
+    """One name space from several files given in the order MiniGPT-4 loads them, and the file
+    each tensor is taken from. A tensor in two files comes from the later one, as MiniGPT-4's
+    ``load_state_dict(strict=False)`` calls overwrite (logged); the shapes must agree, as they
+    must there."""
     out: Tensors = {}
     seen: dict[str, str] = {}
     for src, tensors in sources.items():
+        overridden: dict[str, list[str]] = {}
         for name, t in tensors.items():
             if name in out:
-                raise ConversionError(f"tensor {name} is given twice: by {seen[name]} and by {src}")
+                if out[name].shape != t.shape:
+                    raise ConversionError(
+                        f"tensor {name} is given twice with different shapes: "
+                        f"{list(out[name].shape)} by {seen[name]}, {list(t.shape)} by {src}"
+                    )
+                overridden.setdefault(seen[name], []).append(name)
             out[name], seen[name] = t, src
-    return out
+        for earlier, names in overridden.items():
+            log.info(
+                "%d tensors are in both %s and %s: taken from the latter, as MiniGPT-4 loads it later (e.g. %s)",
+                *(len(names), earlier, src, names[0]),
+            )
+    return out, seen
 
 
 def _read_folder(src: str, names: list[str] | None = None, what: str = "") -> Tensors:
@@ -474,7 +489,7 @@ def convert_minigpt4(
         raise ConversionError(f"{blip2} is a HF Blip2 folder holding its own ViT: drop vit")
     arch = "blip-2" if blip2 is not None else "minigpt4_patch"
     prefixes = architecture_of(arch).conversion_prefixes
-    files = [projection, None if hf_blip2 else blip2, vit]
+    files = [vit, None if hf_blip2 else blip2, projection]  # MiniGPT-4's load order: a later file wins
     tensors, origin = _minigpt4_originals([f for f in files if f is not None], vit, vit_layers, prefixes, allow_pickle)
     if hf_blip2:
         tensors.update(_read_hf_blip2(str(blip2), origin))
@@ -513,13 +528,16 @@ def _minigpt4_originals(
         if f == vit:  # eva_vit_g.pth holds bare EVA names; inside LAVIS models they sit under visual_encoder.
             tensors = {k if k.startswith("visual_encoder.") else "visual_encoder." + k: t for k, t in tensors.items()}
         sources[str(f)] = tensors
-    original = _merge(sources)
+    original, taken_from = _merge(sources)
     deep = re.compile(r"visual_encoder\.blocks\.(\d+)\.")
     too_deep = [n for n in original if (m := deep.match(n)) and int(m[1]) >= vit_layers]
     if too_deep:
         log.info("EVA blocks >= %d unused (MiniGPT-4 builds %d): %d tensors", vit_layers, vit_layers, len(too_deep))
     kept = {k: t for k, t in original.items() if k not in too_deep}
-    return rename(kept, MINIGPT4_RENAMES, MINIGPT4_IGNORED, prefixes)
+    tensors, origin = rename(kept, MINIGPT4_RENAMES, MINIGPT4_IGNORED, prefixes)
+    files_of = [taken_from[name.replace("{q,v}_bias", "q_bias")] for name in origin.values()]
+    log.info("converted tensors per file: %s", ", ".join(f"{files_of.count(f)} from {f}" for f in sources))
+    return tensors, origin
 
 
 def _read_hf_blip2(src: str, origin: dict[str, str]) -> Tensors:

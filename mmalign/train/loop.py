@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from mmalign.config import RunConfig, TrainConfig, recipe_departures, to_dict, with_recipe_defaults
-from mmalign.data.build import dataset_from_config, sampler_from_config
+from mmalign.data.build import check_data, dataset_from_config, sampler_from_config
 from mmalign.data.collate import collate
 from mmalign.data.stream import merge_summaries
 from mmalign.model import (
@@ -194,6 +194,7 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
         model_cfg = dataclasses.replace(cfg.model, device=str(accelerator.device))  # this rank's GPU
     elif engine != "replicated":
         model_cfg = dataclasses.replace(cfg.model, device="cpu")  # FSDP / DeepSpeed place the shards
+    check_data(cfg.data)  # a broken data file stops the run now, not after minutes of model loading
     model, tokenizer = model_from_config(model_cfg)
     if cfg.model.quantization:
         prepare_quantized(model, tc)
