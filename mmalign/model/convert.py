@@ -475,18 +475,7 @@ def convert_minigpt4(
     ``vit_layers``: EVA blocks kept (MiniGPT-4 and BLIP-2 build 39 of eva_vit_g's 40).
     Template default: ``minigpt4_v0`` (Vicuna) / ``llama2``.
     """
-    for path in (projection, blip2, vit):  # a mistyped checkpoint file is not a hub id
-        if (
-            path is not None
-            and str(path).endswith((".pth", ".pt", ".bin", ".safetensors"))
-            and not Path(path).is_file()
-        ):
-            raise ConversionError(f"{path}: no such file")
-    hf_blip2 = blip2 is not None and not Path(blip2).is_file()
-    if blip2 is None and vit is None:
-        raise ConversionError("give the vision side: blip2 (Vicuna variant) or vit (Llama-2 variant)")
-    if hf_blip2 and vit is not None:
-        raise ConversionError(f"{blip2} is a HF Blip2 folder holding its own ViT: drop vit")
+    hf_blip2 = _check_minigpt4_sources(projection, blip2, vit)
     arch = "blip-2" if blip2 is not None else "minigpt4_patch"
     prefixes = architecture_of(arch).conversion_prefixes
     files = [vit, None if hf_blip2 else blip2, projection]  # MiniGPT-4's load order: a later file wins
@@ -509,13 +498,37 @@ def convert_minigpt4(
     back = lambda n: original_name(n, MINIGPT4_RENAMES, prefixes)  # noqa: E731
     vision_side = (prefixes["vision"], "qformer.", "query_tokens", prefixes["projector"])
     _check(model, tensors, origin, "MiniGPT-4 vision side + projection", vision_side, back)  # before the LLM is read
-    llm_tensors, llm_origin = rename(_read_folder(llm, what=f"LLM {llm}"), MINIGPT4_RENAMES, MINIGPT4_IGNORED, prefixes)
-    _tie_lm_head(llm_tensors, model.config.text_config, prefixes)
-    _check(model, llm_tensors, llm_origin, f"LLM {llm}", (prefixes["text"], prefixes["lm_head"]), back)
+    llm_tensors = _minigpt4_llm(model, llm, prefixes)
     model = _finish(model, {**tensors, **llm_tensors}, tok, dtype)
     template = template or architecture_of(arch).default_template
     given = {"projection": projection, "blip2": blip2, "vit": vit, "llm": llm}
     return _write(model, tok, out, template, max_shard_size, given)
+
+
+def _check_minigpt4_sources(projection: str | Path, blip2: str | Path | None, vit: str | Path | None) -> bool:
+    """Refuse impossible combinations before anything is read; True when ``blip2`` is a HF folder."""
+    for path in (projection, blip2, vit):  # a mistyped checkpoint file is not a hub id
+        if (
+            path is not None
+            and str(path).endswith((".pth", ".pt", ".bin", ".safetensors"))
+            and not Path(path).is_file()
+        ):
+            raise ConversionError(f"{path}: no such file")
+    hf_blip2 = blip2 is not None and not Path(blip2).is_file()
+    if blip2 is None and vit is None:
+        raise ConversionError("give the vision side: blip2 (Vicuna variant) or vit (Llama-2 variant)")
+    if hf_blip2 and vit is not None:
+        raise ConversionError(f"{blip2} is a HF Blip2 folder holding its own ViT: drop vit")
+    return hf_blip2
+
+
+def _minigpt4_llm(model: PreTrainedModel, llm: str, prefixes: Mapping[str, str]) -> Tensors:
+    """The Vicuna / Llama-2 folder's tensors under the model's names, checked against it."""
+    llm_tensors, llm_origin = rename(_read_folder(llm, what=f"LLM {llm}"), MINIGPT4_RENAMES, MINIGPT4_IGNORED, prefixes)
+    _tie_lm_head(llm_tensors, model.config.text_config, prefixes)
+    back = lambda n: original_name(n, MINIGPT4_RENAMES, prefixes)  # noqa: E731
+    _check(model, llm_tensors, llm_origin, f"LLM {llm}", (prefixes["text"], prefixes["lm_head"]), back)
+    return llm_tensors
 
 
 def _minigpt4_originals(
