@@ -23,7 +23,7 @@ import torch
 
 from mmalign.chat.session import ChatSession
 from mmalign.data import toyworld
-from mmalign.model import build_model, image_transform_for
+from mmalign.model import LoadedModel, build_model
 from mmalign.prompts import get_template
 from mmalign.recipes import get_recipe
 
@@ -40,10 +40,7 @@ QUESTIONS = [
 
 def conversation(model, tok, kv_reuse: bool, turns: int, new_tokens: int) -> tuple[list[tuple[float, float]], int]:
     session = ChatSession(
-        model,
-        tok,
-        NO_STOP,
-        image_transform_for(model),
+        LoadedModel.of(model, tok, NO_STOP),
         kv_reuse=kv_reuse,
         max_context=model.config.text_config.max_position_embeddings,
     )

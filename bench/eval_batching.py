@@ -19,22 +19,19 @@ import torch
 
 from mmalign.evaluate.runner import run_task
 from mmalign.evaluate.toy import TASK, toy_samples
-from mmalign.model import image_transform_for
+from mmalign.model import LoadedModel
 
 
-def load(model_dir: str | None):
+def load(model_dir: str | None) -> LoadedModel:
     if model_dir:
-        from mmalign.model import load_model, template_of
-
-        model, tok = load_model(model_dir)
-        return model, tok, template_of(model_dir)
+        return LoadedModel.load(model_dir)
     from mmalign.model import build_model
     from mmalign.recipes import get_recipe
 
     torch.manual_seed(0)
     recipe = get_recipe("toy-minigpt4")
     model, tok = build_model(recipe.spec)
-    return model, tok, "minigpt4_v0"
+    return LoadedModel.of(model, tok, "minigpt4_v0")
 
 
 def main() -> None:
@@ -45,20 +42,19 @@ def main() -> None:
     p.add_argument("--scenes", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=64)
     a = p.parse_args()
-    model, tok, template = load(a.model)
-    transform = image_transform_for(model)
+    loaded = load(a.model)
     samples = toy_samples(n_scenes=a.scenes)
     print(
         f"{len(samples)} prompts ({sum(s.max_new_tokens == 8 for s in samples)} questions, "
         f"{sum(s.max_new_tokens == 120 for s in samples)} descriptions), torch threads {torch.get_num_threads()}"
     )
     with tempfile.TemporaryDirectory() as out:  # untimed warm-up: one-time costs land on neither side
-        run_task(TASK, samples[:4], out, model, tok, template, transform, batch_size=2, progress=False)
+        run_task(TASK, samples[:4], out, loaded, batch_size=2, progress=False)
     times, preds = {}, {}
     for bs in (1, a.batch_size):
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
-            res = run_task(TASK, samples, out, model, tok, template, transform, batch_size=bs, progress=False)
+            res = run_task(TASK, samples, out, loaded, batch_size=bs, progress=False)
             times[bs] = time.perf_counter() - t0
         preds[bs] = [r["prediction"] for r in res.records]
         print(f"batch size {bs:3d}: {times[bs]:7.1f} s  ({len(samples) / times[bs]:.1f} prompts/s)")

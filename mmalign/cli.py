@@ -1,4 +1,9 @@
-"""`mmalign <verb>`: train, chat, serve, eval, export, toy."""
+"""`mmalign <verb>`: train, export, chat, serve, demo, eval, convert, toy.
+
+Each verb is a parser and a handler side by side; options several verbs share come from
+parent parsers. Nothing heavy is imported until a verb runs, so `mmalign --help` answers at
+once, and a bad option or config key is a one-line error naming it, not a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +11,100 @@ import argparse
 import json
 import logging
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def _fail(verb: str, error: Exception) -> SystemExit:
+    return SystemExit(f"mmalign {verb}: error: {error.args[0] if error.args else error}")
 
 
 def _load_config(a: argparse.Namespace):
     """The run config; a bad key or value is a command-line error naming it, not a traceback."""
-    from mmalign.config import load_config
+    from mmalign.config import load_config, with_recipe_defaults
 
     try:
-        return load_config(a.config, a.overrides)
+        return with_recipe_defaults(load_config(a.config, a.overrides))
     except (KeyError, ValueError) as e:
-        raise SystemExit(f"mmalign {a.verb}: error: {e.args[0] if e.args else e}") from None
+        raise _fail(a.verb, e) from None
 
 
-def _train(a: argparse.Namespace) -> None:
+def _loaded(a: argparse.Namespace):
+    """The `--model` folder / hub id as a LoadedModel (template, dtype, device, --load-in applied)."""
+    from mmalign.model import LoadedModel
+
+    return LoadedModel.load(a.model, template=a.template, dtype=a.dtype, device=a.device, load_in=a.load_in)
+
+
+# --------------------------------------------------------------------------- parent parsers
+
+
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("config", help="a stage YAML (configs/*.yaml)")
+    config.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", required=True, help="exported folder or hub id")
+    model.add_argument("--template", default=None, help="override the model's recorded chat template")
+    model.add_argument("--dtype", default="float32", choices=DTYPES)
+    model.add_argument("--device", default="cpu")
+    quantized = argparse.ArgumentParser(add_help=False)
+    quantized.add_argument("--load-in", choices=["8bit", "4bit"], default=None, help="quantize the LLM on load")
+    return {"config": config, "model": model, "quantized": quantized}
+
+
+# --------------------------------------------------------------------------- train, export
+
+
+def add_train(sub, parents) -> None:
+    p = sub.add_parser("train", parents=[parents["config"]], help="run one training stage from a YAML config")
+    p.set_defaults(fn=run_train)
+
+
+def run_train(a: argparse.Namespace) -> None:
+    from mmalign.data import DataError
     from mmalign.train.loop import train
 
-    print(train(_load_config(a)))
+    try:
+        print(train(_load_config(a)))
+    except DataError as e:  # unusable data, found before the model loads: named, not a traceback
+        raise _fail("train", e) from None
 
 
-def _chat(a: argparse.Namespace) -> None:
-    from PIL import Image
+def add_export(sub, parents) -> None:
+    p = sub.add_parser("export", parents=[parents["config"]], help="write a training checkpoint as a full HF folder")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=run_export)
 
-    from mmalign.chat.session import ChatSession
-    from mmalign.model import image_transform_for
-    from mmalign.model.build import load_model, template_of
 
-    model, tokenizer = load_model(a.model, dtype=a.dtype, device=a.device, load_in=a.load_in)
-    session = ChatSession(model, tokenizer, a.template or template_of(a.model), image_transform_for(model))
+def run_export(a: argparse.Namespace) -> None:
+    from mmalign.train.export import export_checkpoint
+
+    print(export_checkpoint(_load_config(a), a.checkpoint, a.out))
+
+
+# --------------------------------------------------------------------------- chat, serve, demo
+
+
+def add_chat(sub, parents) -> None:
+    p = sub.add_parser("chat", parents=[parents["model"], parents["quantized"]], help="terminal chat about an image")
+    p.add_argument("--image", default=None)
+    p.add_argument("--ask", action="append", help="ask this and exit (repeatable: a multi-turn script)")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.set_defaults(fn=run_chat)
+
+
+def run_chat(a: argparse.Namespace) -> None:
+    from mmalign.chat.terminal import chat_in_terminal
+
     gen = {
         "num_beams": a.num_beams,
         "do_sample": a.temperature > 0,
@@ -42,44 +113,92 @@ def _chat(a: argparse.Namespace) -> None:
         "repetition_penalty": a.repetition_penalty,
         "max_new_tokens": a.max_new_tokens,
     }
-    if a.image:
-        session.set_image(Image.open(a.image))
-
-    def answer(text: str) -> None:
-        print("Assistant: ", end="", flush=True)
-        for piece in session.ask(text, **gen):
-            print(piece, end="", flush=True)
-        print(flush=True)
-
-    if a.ask:  # scripted: one answer per --ask, then exit
-        for text in a.ask:
-            print(f"User: {text}")
-            answer(text)
-        return
-    print("Commands: /image PATH (new conversation about it), /reset, /quit")
-    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("User: "), None):
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/quit", "/exit"):
-            break
-        if text == "/reset":
-            session.reset()
-            continue
-        if text.startswith("/image "):
-            path = text.split(" ", 1)[1].strip()
-            try:
-                session.set_image(Image.open(path))
-            except OSError as e:
-                print(f"cannot open image {path}: {e}")
-            continue
-        try:
-            answer(text)
-        except ValueError as e:
-            print(f"error: {e}")
+    chat_in_terminal(_loaded(a), image=a.image, script=a.ask, gen=gen)
 
 
-def _eval(a: argparse.Namespace) -> None:
+def add_serve(sub, parents) -> None:
+    p = sub.add_parser(
+        "serve",
+        parents=[parents["model"], parents["quantized"]],
+        help="OpenAI-compatible API server (POST /v1/chat/completions)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-name", default=None, help="model id clients send (default: --model)")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (size/time limited)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together in one batch")
+    p.set_defaults(fn=run_serve)
+
+
+def run_serve(a: argparse.Namespace) -> None:
+    from mmalign.chat.server import serve
+
+    serve(
+        a.model,
+        host=a.host,
+        port=a.port,
+        template=a.template,
+        dtype=a.dtype,
+        device=a.device,
+        load_in=a.load_in,
+        model_name=a.served_name,
+        allow_remote_images=a.allow_remote_images,
+        max_batch_size=a.max_batch_size,
+    )
+
+
+def add_demo(sub, parents) -> None:
+    p = sub.add_parser("demo", help="web chat demo (Gradio): upload an image, chat, beams / temperature sliders")
+    p.add_argument("--model", default=None, help="exported folder or hub id (default: the toy model)")
+    p.add_argument("--template", default=None, help="override the model's recorded chat template")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    p.set_defaults(fn=run_demo)
+
+
+def run_demo(a: argparse.Namespace) -> None:
+    from mmalign.chat.demo import launch, load_demo_model
+
+    dm = load_demo_model(a.model, template=a.template, dtype=a.dtype, device=a.device)
+    launch(dm, host=a.host, port=a.port, share=a.share)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def add_eval(sub, parents) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate on a benchmark (toy, chair, pope, vqav2, gqa, vizwiz, textvqa, mme, "
+        "mmbench): predictions JSONL (resumable) + report.md / report.png",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="exported folder or hub id, or NAME=PATH; repeat to compare models in one report",
+    )
+    p.add_argument("--task", default="toy", help="benchmark (default: toy, the embedded world; needs no --data)")
+    p.add_argument("--data", default=None, help="the benchmark's file or folder in its published layout")
+    p.add_argument("--images", default=None, help="image folder, when not where the layout puts it")
+    p.add_argument("--template", default=None, help="override the model's recorded chat template")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n-scenes", type=int, default=200, help="toy: held-out scenes")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only this many items (images / questions)")
+    p.add_argument("--seed", type=int, default=0, help="which items --limit draws (chair)")
+    p.add_argument("--split", default=None, help="chair: COCO split (default val2014); toy: test (default) or val")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override the task's answer length")
+    p.add_argument("--rescore", action="store_true", help="score the saved predictions again; load no model")
+    p.add_argument("--out", default="runs/eval")
+    p.set_defaults(fn=run_eval)
+
+
+def run_eval(a: argparse.Namespace) -> None:
     from mmalign.evaluate.runner import evaluate, parse_models
 
     options = {"limit": a.limit, "seed": a.seed, "split": a.split, "n_scenes": a.n_scenes}
@@ -99,59 +218,43 @@ def _eval(a: argparse.Namespace) -> None:
             rescore=a.rescore,
         )
     except (KeyError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"mmalign eval: error: {e.args[0] if e.args else e}") from None
+        raise _fail("eval", e) from None
     print(json.dumps(results[next(iter(results))] if len(results) == 1 else results, indent=1))
     print(f"report: {Path(a.out) / 'report.md'}")
 
 
-def _export(a: argparse.Namespace) -> None:
-    from mmalign.model import export, image_processor_for, load_trainable
-    from mmalign.model.build import model_from_config
-
-    cfg = _load_config(a)
-    model, tokenizer = model_from_config(cfg.model)
-    if cfg.train.lora_r:  # the checkpoint holds LoRA adapters: put them on; export merges them
-        from mmalign.model import apply_freeze
-        from mmalign.train.lora import apply_lora
-
-        apply_freeze(model, cfg.train.trainable)
-        apply_lora(model, cfg.train)
-    load_trainable(model, a.checkpoint, strict=False)
-    export(model, tokenizer, a.out, image_processor=image_processor_for(model), template=cfg.data.template)
-    print(a.out)
+# --------------------------------------------------------------------------- convert
 
 
-def _demo(a: argparse.Namespace) -> None:
-    from mmalign.chat.demo import launch, load_demo_model
+def add_convert(sub, parents) -> None:
+    p = sub.add_parser("convert", help="convert published MiniGPT-4 / LLaVA-1.5 / ShareGPT4V weights (docs/convert.md)")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--out", required=True)
+    out.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: the LLM's")
+    out.add_argument("--max-shard-size", default="5GB")
+    out.add_argument("--template", help="chat template to record (default: the original's)")
+    sources = p.add_subparsers(dest="source", required=True)
+    m = sources.add_parser("minigpt4", parents=[out], help="MiniGPT-4 stage-2 .pth + BLIP-2 / EVA weights + LLM")
+    m.add_argument("--projection", required=True, help="MiniGPT-4 checkpoint .pth (holds llama_proj)")
+    m.add_argument("--blip2", help="LAVIS blip2_pretrained_flant5xxl.pth, or a HF Blip2 folder / hub id (Vicuna)")
+    m.add_argument("--vit", help="LAVIS eva_vit_g.pth (with a LAVIS --blip2; alone for the Llama-2 variant)")
+    m.add_argument("--llm", required=True, help="Vicuna / Llama-2-chat HF folder or hub id")
+    m.add_argument("--vit-layers", type=int, default=39, help="EVA blocks kept (MiniGPT-4: 39 of 40)")
+    m.add_argument("--vit-heads", type=int, help="EVA attention heads (default: 16 for ViT-g)")
+    m.add_argument("--qformer-heads", type=int, help="Q-Former attention heads (default: 12 for width 768)")
+    m.add_argument("--trust-pickle", action="store_true", help="read .pth files that hold more than tensors")
+    llava = sources.add_parser("llava", parents=[out], help="LLaVA-1.5 / ShareGPT4V folder in LLaVA's layout")
+    llava.add_argument("--checkpoint", required=True, help="folder or hub id, e.g. liuhaotian/llava-v1.5-7b")
+    llava.add_argument("--vision", help="vision tower folder / hub id (default: config.json's mm_vision_tower)")
+    p.set_defaults(fn=run_convert)
 
-    dm = load_demo_model(a.model, template=a.template, dtype=a.dtype, device=a.device)
-    launch(dm, host=a.host, port=a.port, share=a.share)
 
-
-def _serve(a: argparse.Namespace) -> None:
-    from mmalign.chat.server import serve
-
-    serve(
-        a.model,
-        host=a.host,
-        port=a.port,
-        template=a.template,
-        dtype=a.dtype,
-        device=a.device,
-        load_in=a.load_in,
-        model_name=a.served_name,
-        allow_remote_images=a.allow_remote_images,
-        max_batch_size=a.max_batch_size,
-    )
-
-
-def _convert(a: argparse.Namespace) -> None:
-    import torch
-
+def run_convert(a: argparse.Namespace) -> None:
+    from mmalign.model.bundle import torch_dtype
     from mmalign.model.convert import ConversionError, convert_llava, convert_minigpt4
 
-    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
-    common = dict(dtype=dtype, max_shard_size=a.max_shard_size, **({"template": a.template} if a.template else {}))
+    common = dict(dtype=None if a.dtype == "auto" else torch_dtype(a.dtype), max_shard_size=a.max_shard_size)
+    common.update({"template": a.template} if a.template else {})
     try:
         if a.source == "minigpt4":
             out = convert_minigpt4(
@@ -169,11 +272,23 @@ def _convert(a: argparse.Namespace) -> None:
         else:
             out = convert_llava(a.checkpoint, a.out, vision=a.vision, **common)
     except ConversionError as e:
-        raise SystemExit(f"mmalign convert {a.source}: error: {e}") from None
+        raise _fail(f"convert {a.source}", e) from None
     print(out)
 
 
-def _toy(a: argparse.Namespace) -> None:
+# --------------------------------------------------------------------------- toy
+
+
+def add_toy(sub, parents) -> None:
+    p = sub.add_parser("toy", help="the embedded toy world: write its data, or run the whole main job")
+    p.add_argument("what", choices=["data", "run"])
+    p.add_argument("--out", default="runs/toy")
+    p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    p.add_argument("overrides", nargs="*", help="section.key=value for both stages, e.g. model.llm=DIR")
+    p.set_defaults(fn=run_toy)
+
+
+def run_toy(a: argparse.Namespace) -> None:
     from mmalign.toy import run
 
     if a.what == "data":
@@ -182,125 +297,40 @@ def _toy(a: argparse.Namespace) -> None:
         run.main_job(Path(a.out), quick=a.quick, overrides=tuple(a.overrides))
 
 
+# --------------------------------------------------------------------------- main
+
+VERBS: tuple[Callable, ...] = (add_train, add_export, add_chat, add_serve, add_demo, add_eval, add_convert, add_toy)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmalign", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+    parents = _parents()
+    for add in VERBS:
+        add(sub, parents)
+    return parser
+
+
+def _quiet_third_party() -> None:
+    """A normal command prints our log lines, not the import-time noise of optional packages
+    (torchao's "Failed to load ... .so", torch's pytree deprecation, transformers' FutureWarnings)."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|torch|accelerate)(\.|$)")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|torch|accelerate)(\.|$)")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="mmalign", description=__doc__)
-    sub = p.add_subparsers(dest="verb", required=True)
-
-    t = sub.add_parser("train", help="run one training stage from a YAML config")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4")
-    t.set_defaults(fn=_train)
-
-    def model_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--model", required=True, help="exported folder or hub id")
-        q.add_argument("--template", default=None, help="override the model's template")
-        q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-        q.add_argument("--device", default="cpu")
-
-    c = sub.add_parser("chat", help="multi-turn terminal chat about an image")
-    model_args(c)
-    c.add_argument("--image", default=None)
-    c.add_argument("--ask", action="append", help="ask this and exit (repeatable: a multi-turn script)")
-    c.add_argument("--num-beams", type=int, default=1)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    c.add_argument("--top-p", type=float, default=0.9)
-    c.add_argument("--repetition-penalty", type=float, default=1.0)
-    c.add_argument("--max-new-tokens", type=int, default=300)
-    c.add_argument("--load-in", choices=["8bit", "4bit"], default=None, help="quantize the LLM on load")
-    c.set_defaults(fn=_chat)
-
-    v = sub.add_parser("serve", help="OpenAI-compatible API server (POST /v1/chat/completions)")
-    model_args(v)
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--served-name", default=None, help="model id clients send (default: --model)")
-    v.add_argument("--load-in", choices=["8bit", "4bit"], default=None, help="quantize the LLM on load")
-    v.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (size/time limited)")
-    v.add_argument("--max-batch-size", type=int, default=16, help="requests generated together in one batch")
-    v.set_defaults(fn=_serve)
-
-    e = sub.add_parser(
-        "eval",
-        help="evaluate on a benchmark (toy, chair, pope, vqav2, gqa, vizwiz, textvqa, mme, "
-        "mmbench): predictions JSONL (resumable) + report.md / report.png",
-    )
-    e.add_argument(
-        "--model",
-        required=True,
-        action="append",
-        help="exported folder or hub id, or NAME=PATH; repeat to compare models in one report",
-    )
-    e.add_argument("--task", default="toy", help="benchmark (default: toy, the embedded world; needs no --data)")
-    e.add_argument("--data", default=None, help="the benchmark's file or folder in its published layout")
-    e.add_argument("--images", default=None, help="image folder, when not where the layout puts it")
-    e.add_argument("--template", default=None, help="override the model's template")
-    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--n-scenes", type=int, default=200, help="toy: held-out scenes")
-    e.add_argument("--limit", type=int, default=None, help="evaluate only this many items (images / questions)")
-    e.add_argument("--seed", type=int, default=0, help="which items --limit draws (chair)")
-    e.add_argument("--split", default=None, help="chair: COCO split (default val2014); toy: test (default) or val")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--max-new-tokens", type=int, default=None, help="override the task's answer length")
-    e.add_argument("--rescore", action="store_true", help="score the saved predictions again; load no model")
-    e.add_argument("--out", default="runs/eval")
-    e.set_defaults(fn=_eval)
-
-    x = sub.add_parser("export", help="write a training checkpoint as a full Hugging Face folder")
-    x.add_argument("config")
-    x.add_argument("--checkpoint", required=True)
-    x.add_argument("--out", required=True)
-    x.add_argument("overrides", nargs="*")
-    x.set_defaults(fn=_export)
-
-    d = sub.add_parser("demo", help="web chat demo (Gradio): upload an image, chat, beams / temperature sliders")
-    d.add_argument("--model", default=None, help="exported folder or hub id (default: the toy model)")
-    d.add_argument("--template", default=None, help="override the model's template")
-    d.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the local network")
-    d.add_argument("--port", type=int, default=7860)
-    d.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
-    d.set_defaults(fn=_demo)
-
-    v = sub.add_parser("convert", help="convert published MiniGPT-4 / LLaVA-1.5 / ShareGPT4V weights (docs/convert.md)")
-    vs = v.add_subparsers(dest="source", required=True)
-    vm = vs.add_parser("minigpt4", help="MiniGPT-4 stage-2 .pth + BLIP-2 / EVA weights + LLM folder")
-    vm.add_argument("--projection", required=True, help="MiniGPT-4 checkpoint .pth (holds llama_proj)")
-    vm.add_argument("--blip2", help="LAVIS blip2_pretrained_flant5xxl.pth, or a HF Blip2 folder / hub id (Vicuna)")
-    vm.add_argument("--vit", help="LAVIS eva_vit_g.pth (with a LAVIS --blip2; alone for the Llama-2 variant)")
-    vm.add_argument("--llm", required=True, help="Vicuna / Llama-2-chat HF folder or hub id")
-    vm.add_argument("--vit-layers", type=int, default=39, help="EVA blocks kept (MiniGPT-4: 39 of 40)")
-    vm.add_argument("--vit-heads", type=int, help="EVA attention heads (default: 16 for ViT-g)")
-    vm.add_argument("--qformer-heads", type=int, help="Q-Former attention heads (default: 12 for width 768)")
-    vm.add_argument("--trust-pickle", action="store_true", help="read .pth files that hold more than tensors")
-    vl = vs.add_parser("llava", help="LLaVA-1.5 / ShareGPT4V folder in the original LLaVA layout")
-    vl.add_argument("--checkpoint", required=True, help="folder or hub id, e.g. liuhaotian/llava-v1.5-7b")
-    vl.add_argument("--vision", help="vision tower folder / hub id (default: config.json's mm_vision_tower)")
-    for q in (vm, vl):
-        q.add_argument("--out", required=True)
-        q.add_argument(
-            "--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"], help="auto: the LLM's"
-        )
-        q.add_argument("--max-shard-size", default="5GB")
-        q.add_argument("--template", help="chat template to record (default: the original's)")
-        q.set_defaults(fn=_convert)
-
-    y = sub.add_parser("toy", help="the embedded toy world: write its data, or run the whole main job")
-    y.add_argument("what", choices=["data", "run"])
-    y.add_argument("--out", default="runs/toy")
-    y.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
-    y.add_argument("overrides", nargs="*", help="section.key=value for both stages, e.g. model.llm=DIR")
-    y.set_defaults(fn=_toy)
-
-    a, extra = p.parse_known_args(argv)  # `section.key=value` overrides may follow the options too
+    _quiet_third_party()
+    parser = build_parser()
+    a, extra = parser.parse_known_args(argv)  # `section.key=value` overrides may follow the options too
     if extra and (not hasattr(a, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         a.overrides = [*a.overrides, *extra]
     a.fn(a)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

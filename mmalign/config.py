@@ -11,6 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -22,10 +23,10 @@ class ModelConfig:
     vision: str | None = None  # replace the recipe's vision backbone (hub id / local folder)
     llm: str | None = None  # replace the recipe's LLM (hub id / local folder)
     init_trainable: str | None = None  # a training checkpoint whose trainable tensors are loaded (stage 1 -> 2)
-    dtype: str = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
-    attn_implementation: str | None = None  # "sdpa", "eager", "flash_attention_2"
-    quantization: str | None = None  # "4bit" (QLoRA base, bitsandbytes NF4, CUDA only) or "8bit"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    quantization: Literal["4bit", "8bit"] | None = None  # 4bit: QLoRA base (bitsandbytes NF4, CUDA only)
 
 
 @dataclass
@@ -34,24 +35,24 @@ class SourceConfig:
     max_length) is the data section's."""
 
     path: str | None = None  # shards (pattern / folder of .tar) or a caption / cc_sbu_align / LLaVA JSON
-    type: str | None = None  # webdataset | captions | llava; None: from the path
+    type: Literal["webdataset", "captions", "llava"] | None = None  # None: from the path
     ratio: float = 1.0  # sampling weight (MiniGPT-4 stage 1: LAION 115, CC+SBU 14)
     image_root: str | None = None
 
 
 @dataclass
 class DataConfig:
-    source: str = "captions"  # captions | conversations | toy
+    source: Literal["captions", "conversations"] = "captions"  # stage-1 pairs | chat turns
     path: str | None = None  # caption JSON / cc_sbu_align filter_cap.json / LLaVA JSON
     image_root: str | None = None
-    template: str = "minigpt4_v0"  # chat template (conversations) or stage-1 format (captions)
-    caption_format: str = "minigpt4_caption"  # minigpt4_caption | plain
+    template: str | None = None  # chat template (conversations); None: the recipe's (else minigpt4_v0)
+    caption_format: str | None = None  # stage-1 format (captions); None: the recipe's (else minigpt4_caption)
     instructions: str = "minigpt4"  # instruction list drawn for caption-only stage-2 records
     max_length: int = 160
     clean_captions: bool = True  # MiniGPT-4 stage 1: lower-case, no punctuation, 50 words
     num_workers: int = 0
     sources: list[SourceConfig] | None = None  # several sources mixed by ratio, instead of `path`
-    mix: str = "sample"  # sample: a source drawn per sample | batch: each batch from one source (MiniGPT-4)
+    mix: Literal["sample", "batch"] = "sample"  # a source drawn per sample | per batch (MiniGPT-4)
     shuffle_buffer: int = 1000  # samples shuffled in memory per DataLoader worker (webdataset shards)
     group_by_length: bool = False  # map-style conversations: batches of similar length, one modality each
 
@@ -59,7 +60,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     stage: str = "stage1"
-    trainable: str = "projector"  # a freezing policy name (mmalign.model.freeze)
+    trainable: str | None = None  # a freezing policy name (mmalign.model.freeze); None: the recipe's for `stage`
     output_dir: str = "runs/stage1"
     max_steps: int = 1000
     batch_size: int = 8  # per device (per process)
@@ -74,7 +75,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate autocast; trainable tensors stay float32)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # (accelerate autocast; trainable tensors stay float32)
     gradient_checkpointing: bool = False  # LLM + vision tower, non-reentrant
     lora_r: int = 0  # > 0: LoRA (peft) on the LLM's linear layers; its base weights stay frozen
     lora_alpha: int = 16
@@ -98,10 +99,16 @@ class RunConfig:
 
 def _coerce(value, annotation):
     """Convert YAML / CLI values to the annotated field type (only the types used above)."""
-    hint = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    hint = typing.get_args(annotation) if is_union else (annotation,)
     if value is None or isinstance(value, str) and value.lower() in ("none", "null") and type(None) in hint:
         return None
     target = next(h for h in hint if h is not type(None))
+    if typing.get_origin(target) is Literal:
+        choices = typing.get_args(target)
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
     if target is bool and isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"expected a boolean, got {value!r}")
@@ -161,3 +168,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# What the fields left unset (None) default to when the model is not built from a recipe.
+FALLBACKS = {"data.template": "minigpt4_v0", "data.caption_format": "minigpt4_caption", "train.trainable": "projector"}
+
+
+def _recipe_values(cfg: RunConfig) -> dict[str, str]:
+    """The recipe's value for each field of ``FALLBACKS`` (the fallbacks without a recipe)."""
+    if not cfg.model.recipe:
+        return dict(FALLBACKS)
+    from mmalign.recipes import get_recipe
+
+    recipe = get_recipe(cfg.model.recipe)
+    return {
+        "data.template": recipe.template,
+        "data.caption_format": recipe.caption_format,
+        "train.trainable": recipe.policy_for(cfg.train.stage),
+    }
+
+
+def with_fallbacks(section: DataConfig | TrainConfig) -> DataConfig | TrainConfig:
+    """A copy of one section with its unset recipe fields at ``FALLBACKS`` (for code that gets a
+    section without the run config, e.g. a dataset built directly from a ``DataConfig``)."""
+    prefix = "data." if isinstance(section, DataConfig) else "train."
+    values = {k[len(prefix) :]: v for k, v in FALLBACKS.items() if k.startswith(prefix)}
+    return dataclasses.replace(section, **{k: v for k, v in values.items() if getattr(section, k) is None})
+
+
+def with_recipe_defaults(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` whose unset template, caption format and freezing policy are the
+    recipe's, so a stage config need not repeat its recipe (and cannot silently disagree with it:
+    see ``recipe_departures``)."""
+    out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data), train=dataclasses.replace(cfg.train))
+    for key, value in _recipe_values(cfg).items():
+        section, name = key.split(".")
+        if getattr(getattr(out, section), name) is None:
+            setattr(getattr(out, section), name, value)
+    return out
+
+
+def recipe_departures(cfg: RunConfig) -> list[str]:
+    """The set fields that differ from the recipe's value (e.g. a LoRA run that trains only the
+    projector), one line each: logged at the start of a run, and empty for every shipped YAML."""
+    if not cfg.model.recipe:
+        return []
+    out = []
+    for key, value in _recipe_values(cfg).items():
+        section, name = key.split(".")
+        mine = getattr(getattr(cfg, section), name)
+        if mine is not None and mine != value:
+            out.append(f"{key}={mine} departs from recipe {cfg.model.recipe!r} ({value})")
+    return out

@@ -1,8 +1,14 @@
 """Named recipes: which backbones, which architecture, which template, which stage policies.
 
-A recipe is data. `get_recipe(name)` raises a clear error for an unknown name; nothing in the
-code branches on a recipe's name. Backbones are hub ids or local folders (any of them can be
-overridden on the command line, e.g. `model.llm=/data/vicuna-7b`), or config dicts for tests.
+A recipe is data, and every field is read: ``spec`` builds the model, ``template`` and
+``caption_format`` are the defaults of a stage config's ``data.template`` / ``data.caption_format``,
+``stage_policies[train.stage]`` the default of ``train.trainable`` (``mmalign.config`` fills them in;
+``tests/test_recipes.py`` checks that each shipped YAML agrees with its recipe). Nothing in the code
+branches on a recipe's name. Backbones are hub ids or local folders (any of them can be overridden
+on the command line, e.g. ``model.llm=/data/vicuna-7b``), or config dicts for tests.
+
+This module imports nothing from ``mmalign.model`` (which imports it): the architecture names in
+``ModelSpec.arch`` are checked against ``mmalign.model.architectures`` when a model is built.
 """
 
 from __future__ import annotations
@@ -10,20 +16,51 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from mmalign.model.build import ModelSpec
+from typing import Any, Literal
 
 TOY_ASSETS = Path(__file__).resolve().parent / "assets" / "toy"
+
+
+@dataclass
+class ModelSpec:
+    """What to build. Strings are hub ids or local folders (weights loaded); dicts / configs
+    give randomly initialised parts (tests, toy backbones trained from scratch)."""
+
+    arch: Literal["minigpt4", "minigpt4_patch", "llava"]  # an Architecture.name
+    llm: Any  # hub id / local folder, or a config (dict with model_type, or a PreTrainedConfig)
+    vision: Any = None  # minigpt4: may be None when `qformer` is a Blip2 checkpoint
+    tokenizer: Any = None  # folder / id / tokenizer object; default: the `llm` folder / id
+    qformer: Any = None  # minigpt4: a Blip2 checkpoint (vision + Q-Former) or a config
+    num_query_tokens: int = 32
+    # "auto": llava -2 (LLaVA-1.5 / ShareGPT4V), minigpt4_patch "last" (last_hidden_state, i.e.
+    # after the tower's final norm = MiniGPT-4's ln_vision); ignored by minigpt4 (Q-Former reads
+    # the last layer, as BLIP-2 does)
+    vision_feature_layer: int | Literal["auto", "last"] = "auto"
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    projector_hidden_act: str = "gelu"
+    merge_tokens: int = 4
+    patch_merge: Literal["sequential", "grid"] = "sequential"
+
+    def __post_init__(self) -> None:
+        if self.vision is None and not (self.arch == "minigpt4" and isinstance(self.qformer, str)):
+            raise ValueError("`vision` is required (minigpt4 may take it from a Blip2 `qformer` checkpoint)")
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     spec: ModelSpec
-    template: str  # stage-2 / chat template
-    caption_format: str  # stage-1 format (no chat template)
-    stage_policies: dict[str, str] = field(default_factory=dict)  # stage -> freezing policy
-    note: str = ""
+    template: str  # stage-2 / chat template (data.template)
+    caption_format: str  # stage-1 format, no chat template (data.caption_format)
+    stage_policies: dict[str, str] = field(default_factory=dict)  # train.stage -> freezing policy
+
+    def policy_for(self, stage: str) -> str:
+        try:
+            return self.stage_policies[stage]
+        except KeyError:
+            raise KeyError(
+                f"recipe {self.name!r} has no policy for stage {stage!r}; known: {sorted(self.stage_policies)}"
+            ) from None
 
 
 RECIPES: dict[str, Recipe] = {

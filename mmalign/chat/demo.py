@@ -12,7 +12,7 @@ import logging
 import queue
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from mmalign.chat.session import ChatSession
+from mmalign.model.bundle import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,9 @@ _DONE = object()
 
 @dataclass
 class DemoModel:
-    """What the page serves: a model, how to prompt it, and what to offer as examples."""
+    """What the page serves: a loaded model, and what to offer as examples."""
 
-    model: Any
-    tokenizer: Any
-    template: str
-    image_transform: Callable[[Image.Image], Any]
-    name: str
+    loaded: LoadedModel
     note: str = ""  # shown on the page, e.g. "the projection is untrained"
     examples: list[str] = field(default_factory=list)  # image files offered under the upload box
 
@@ -56,35 +53,36 @@ def load_demo_model(
     model `mmalign toy run` exported, else `toy-minigpt4` built from the shipped backbones with
     an untrained projection (it runs, but its answers do not reflect the image). The toy default comes
     with a few rendered toy scenes as examples."""
-    import torch
+    from mmalign.model import LoadedModel
+    from mmalign.model.bundle import torch_dtype
 
-    from mmalign.model import image_transform_for
-    from mmalign.model.build import build_model, load_model, template_of
-
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    note = ""
+    torch_dtype(dtype)  # a bad --dtype fails before anything loads
     if path is None and not TOY_EXPORT.is_dir():
-        from mmalign.recipes import get_recipe
-
-        recipe = get_recipe("toy-minigpt4")
-        note = (
-            f"No --model given and no {TOY_EXPORT}: serving `toy-minigpt4` built from the shipped toy "
-            "backbones with an UNTRAINED projection, so its answers do not reflect the image. "
-            "Run `mmalign toy run` (about 6 min on 2 CPU cores) to train one."
-        )
+        loaded, note = _untrained_toy(template, dtype, device), UNTRAINED_NOTE
         log.warning(note)
-        model, tokenizer = build_model(recipe.spec, dtype=torch_dtype, device=device)
-        name, template = recipe.name, template or recipe.template
     else:
-        name = str(path or TOY_EXPORT)
-        model, tokenizer = load_model(name, dtype=torch_dtype, device=device)
-        template = template or template_of(name)
+        loaded, note = LoadedModel.load(path or TOY_EXPORT, template=template, dtype=dtype, device=device), ""
     examples = []
     if path is None:
         examples = toy_examples(example_dir or Path(tempfile.gettempdir()) / "mmalign_demo_examples")
-    return DemoModel(model, tokenizer, template, image_transform_for(model), name, note, examples)
+    return DemoModel(loaded, note, examples)
+
+
+UNTRAINED_NOTE = (
+    f"No --model given and no {TOY_EXPORT}: serving `toy-minigpt4` built from the shipped toy "
+    "backbones with an UNTRAINED projection, so its answers do not reflect the image. "
+    "Run `mmalign toy run` (about 7 min on 2 CPU cores) to train one."
+)
+
+
+def _untrained_toy(template: str | None, dtype: str, device: str) -> LoadedModel:
+    from mmalign.model import build_model
+    from mmalign.model.bundle import torch_dtype
+    from mmalign.recipes import get_recipe
+
+    recipe = get_recipe("toy-minigpt4")
+    model, tokenizer = build_model(recipe.spec, dtype=torch_dtype(dtype), device=device)
+    return LoadedModel.of(model, tokenizer, template or recipe.template, name=recipe.name)
 
 
 def toy_examples(folder: Path, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> list[str]:
@@ -131,27 +129,31 @@ class _Answers:
             yield item
 
 
-def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
-    """The Gradio page for `dm` (call `.launch()` on it, see `launch`)."""
-    import gradio as gr
+class _Handlers:
+    """The page's event handlers; one shared model, one `ChatSession` per browser session."""
 
-    answers = _Answers()
+    def __init__(self, dm: DemoModel, max_new_tokens: int):
+        self.dm, self.max_new_tokens, self.answers = dm, max_new_tokens, _Answers()
 
-    def session_of(state: ChatSession | None) -> ChatSession:
+    def session_of(self, state: ChatSession | None) -> ChatSession:
         # created lazily: gr.State deep-copies its initial value, and the model must stay shared
-        return state if state is not None else ChatSession(dm.model, dm.tokenizer, dm.template, dm.image_transform)
+        return state if state is not None else ChatSession(self.dm.loaded)
 
-    def on_image(image: Image.Image | None, state: ChatSession | None):
-        session = session_of(state)
-        with answers.lock:  # not in the middle of an answer (maybe this session's)
+    def on_image(self, image: Image.Image | None, state: ChatSession | None):
+        session = self.session_of(state)
+        with self.answers.lock:  # not in the middle of an answer (maybe this session's)
             if image is None:
                 session.reset()
             else:
                 session.set_image(image)  # a new image starts a new conversation
         return session, []
 
-    def on_ask(text: str, history: list, state: ChatSession | None, beams: float, temperature: float, sample: bool):
-        session = session_of(state)
+    def on_ask(
+        self, text: str, history: list, state: ChatSession | None, beams: float, temperature: float, sample: bool
+    ):
+        import gradio as gr
+
+        session = self.session_of(state)
         if not text.strip():
             yield text, history, session
             return
@@ -162,70 +164,86 @@ def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
             "do_sample": bool(sample),
             "temperature": float(temperature),
             "top_p": TOP_P,
-            "max_new_tokens": max_new_tokens,
+            "max_new_tokens": self.max_new_tokens,
         }
         try:
-            for piece in answers.stream(session, text, gen):
+            for piece in self.answers.stream(session, text, gen):
                 history[-1]["content"] += piece
                 yield "", history, session
         except ValueError as e:  # e.g. the conversation outgrew the context: say so on the page
             raise gr.Error(f"{e}. Press 'Clear / restart'.") from None
 
-    def on_clear(state: ChatSession | None):
-        session = session_of(state)
-        with answers.lock:
+    def on_clear(self, state: ChatSession | None):
+        session = self.session_of(state)
+        with self.answers.lock:
             session.reset()
         return None, [], "", session
 
-    def on_clear_chat(state: ChatSession | None):  # the chat's own bin: a new conversation, same image
-        session = session_of(state)
-        with answers.lock:
+    def on_clear_chat(self, state: ChatSession | None):  # the chat's own bin: a new conversation, same image
+        session = self.session_of(state)
+        with self.answers.lock:
             if session.image is None:
                 session.reset()
             else:
                 session.set_image(session.image)
         return session
 
-    with gr.Blocks(title="mmalign demo", analytics_enabled=False) as demo:
-        gr.Markdown(
-            f"## mmalign chat demo\nModel: `{dm.name}` (template `{dm.template}`). Upload an image, then ask about it."
-        )
-        if dm.note:
-            gr.Markdown(f"**Warning:** {dm.note}", elem_id="model-note")
-        state = gr.State(None)
-        with gr.Row():
-            with gr.Column(scale=1, min_width=260):
-                image = gr.Image(type="pil", label="Image", height=260, elem_id="image")
-                if dm.examples:
-                    gr.Examples(dm.examples, inputs=image, label="Toy-world examples")
-                clear = gr.Button("Clear / restart", elem_id="clear")
-                beams = gr.Slider(1, 10, value=1, step=1, label="Beam search numbers", elem_id="beams")
-                temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.1, label="Temperature", elem_id="temperature")
-                sample = gr.Checkbox(value=True, label="Sampling (off: greedy, deterministic)", elem_id="sample")
-            with gr.Column(scale=2):
-                chatbot = gr.Chatbot(
-                    label="Chat", height=420, elem_id="chatbot", feedback_options=None, buttons=["copy", "copy_all"]
-                )
-                with gr.Row():
-                    text = gr.Textbox(
-                        show_label=False, placeholder="Ask about the image and press Enter", scale=4, elem_id="question"
-                    )
-                    send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
-                if dm.examples:
-                    gr.Examples([[q] for q in TOY_QUESTIONS], inputs=text, label="Questions")
 
-        image.change(on_image, [image, state], [state, chatbot], queue=False)
+def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
+    """The Gradio page for `dm` (call `.launch()` on it, see `launch`)."""
+    import gradio as gr
+
+    on = _Handlers(dm, max_new_tokens)
+    with gr.Blocks(title="mmalign demo", analytics_enabled=False) as demo:
+        ui = _layout(dm)
+        state = gr.State(None)
+        ui["image"].change(on.on_image, [ui["image"], state], [state, ui["chatbot"]], queue=False)
         ask = {
-            "fn": on_ask,
-            "inputs": [text, chatbot, state, beams, temperature, sample],
-            "outputs": [text, chatbot, state],
+            "fn": on.on_ask,
+            "inputs": [ui["text"], ui["chatbot"], state, ui["beams"], ui["temperature"], ui["sample"]],
+            "outputs": [ui["text"], ui["chatbot"], state],
             "concurrency_id": "answer",
         }
-        text.submit(**ask)
-        send.click(**ask)
-        clear.click(on_clear, [state], [image, chatbot, text, state], queue=False)
-        chatbot.clear(on_clear_chat, [state], [state], queue=False)
+        ui["text"].submit(**ask)
+        ui["send"].click(**ask)
+        ui["clear"].click(on.on_clear, [state], [ui["image"], ui["chatbot"], ui["text"], state], queue=False)
+        ui["chatbot"].clear(on.on_clear_chat, [state], [state], queue=False)
     return demo
+
+
+def _layout(dm: DemoModel) -> dict[str, Any]:
+    """MiniGPT-4's page: image, examples and sliders on the left, the chat on the right."""
+    import gradio as gr
+
+    loaded = dm.loaded
+    gr.Markdown(
+        f"## mmalign chat demo\nModel: `{loaded.name}` (template `{loaded.template}`). Upload an image, then ask "
+        "about it."
+    )
+    if dm.note:
+        gr.Markdown(f"**Warning:** {dm.note}", elem_id="model-note")
+    ui: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column(scale=1, min_width=260):
+            ui["image"] = gr.Image(type="pil", label="Image", height=260, elem_id="image")
+            if dm.examples:
+                gr.Examples(dm.examples, inputs=ui["image"], label="Toy-world examples")
+            ui["clear"] = gr.Button("Clear / restart", elem_id="clear")
+            ui["beams"] = gr.Slider(1, 10, value=1, step=1, label="Beam search numbers", elem_id="beams")
+            ui["temperature"] = gr.Slider(0.1, 2.0, value=1.0, step=0.1, label="Temperature", elem_id="temperature")
+            ui["sample"] = gr.Checkbox(value=True, label="Sampling (off: greedy, deterministic)", elem_id="sample")
+        with gr.Column(scale=2):
+            ui["chatbot"] = gr.Chatbot(
+                label="Chat", height=420, elem_id="chatbot", feedback_options=None, buttons=["copy", "copy_all"]
+            )
+            with gr.Row():
+                ui["text"] = gr.Textbox(
+                    show_label=False, placeholder="Ask about the image and press Enter", scale=4, elem_id="question"
+                )
+                ui["send"] = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+            if dm.examples:
+                gr.Examples([[q] for q in TOY_QUESTIONS], inputs=ui["text"], label="Questions")
+    return ui
 
 
 def launch(

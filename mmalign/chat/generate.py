@@ -24,7 +24,8 @@ from PIL import Image
 from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList
 
 from mmalign.data.collate import left_pad
-from mmalign.model import check_image_tokens, num_image_tokens
+from mmalign.model.architectures import architecture_of, check_image_tokens
+from mmalign.model.bundle import LoadedModel
 from mmalign.prompts import (
     Template,
     build_generation_prompt,
@@ -84,7 +85,7 @@ def model_generate(
     """
     cache = kwargs.get(CACHE_KWARG)
     past = cache.get_seq_length() if cache is not None else 0
-    if model.config.model_type != "blip-2" or (pixel_values is not None and past == 0):
+    if architecture_of(model).generate_continues_cache or (pixel_values is not None and past == 0):
         extra = {"pixel_values": pixel_values} if pixel_values is not None else {}
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **kwargs)
     embeds = model.get_input_embeddings()(input_ids)  # [B, T, D]
@@ -100,33 +101,29 @@ def model_generate(
 
 @torch.no_grad()
 def generate_batch(
-    model: Any,
-    tokenizer: Any,
-    template: str | Template,
+    loaded: LoadedModel,
     items: Sequence[tuple[Image.Image | None, list[dict[str, str]]]],
-    image_transform: Callable[[Image.Image], torch.Tensor],
     *,
     system: str | None = None,
     batch_size: int = 32,
     **gen: Any,
 ) -> list[str]:
     """Answer each (image, turns) item; turns end with a user message holding the image marker."""
-    t = get_template(template)
-    n_img = num_image_tokens(model.config)
+    model, tokenizer, t = loaded.model, loaded.tokenizer, get_template(loaded.template)
     kwargs = generation_kwargs(tokenizer, t, **gen)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     answers: list[str] = []
     model.eval()
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        prompts = [build_generation_prompt(tokenizer, t, turns, n_img, system=system) for _, turns in chunk]
+        prompts = [
+            build_generation_prompt(tokenizer, t, turns, loaded.num_image_tokens, system=system) for _, turns in chunk
+        ]
         batch = left_pad(prompts, tokenizer.pad_token_id)
-        images = [image_transform(im) for im, _ in chunk if im is not None]
+        images = [im for im, _ in chunk if im is not None]
         check_image_tokens(batch["input_ids"], len(images), model.config)
-        inputs = {k: v.to(device) for k, v in batch.items()}
+        inputs = {k: v.to(loaded.device) for k, v in batch.items()}
         if images:
-            inputs["pixel_values"] = torch.stack(images).to(device, dtype)
+            inputs["pixel_values"] = loaded.pixel_values(images)
         out = model_generate(model, **inputs, **kwargs)
         new = out[:, batch["input_ids"].shape[1] :]
         answers += [strip_stop(tokenizer.decode(row, skip_special_tokens=True), t) for row in new]
@@ -199,16 +196,15 @@ class _RowsCriteria(StoppingCriteria):
 
 
 @torch.no_grad()
-def generate_rows(model: Any, tokenizer: Any, template: str | Template, rows: Sequence[Row], **gen: Any) -> None:
+def generate_rows(loaded: LoadedModel, rows: Sequence[Row], **gen: Any) -> None:
     """Generate every row in ONE left-padded batch (same sampling settings for all rows);
     each row ends at its own stop strings / budget, its text streamed through `on_text`.
     Results land in the rows (`text`, `token_ids`, `finish_reason`)."""
-    t = get_template(template)
+    model, tokenizer, t = loaded.model, loaded.tokenizer, get_template(loaded.template)
     kwargs = generation_kwargs(tokenizer, t, **gen)
     kwargs.pop("stop_strings"), kwargs.pop("tokenizer")  # matched per row by _RowsCriteria
     kwargs["max_new_tokens"] = max(r.max_new_tokens for r in rows)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    device, dtype = loaded.device, loaded.dtype
     batch = left_pad([r.input_ids for r in rows], tokenizer.pad_token_id)
     images = [im for r in rows for im in r.images]
     check_image_tokens(batch["input_ids"], len(images), model.config)

@@ -26,7 +26,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmalign.chat.generate import Row, generate_rows
 from mmalign.chat.images import ImageError, ImagePolicy, load_image_url
-from mmalign.model import num_image_tokens
+from mmalign.model.bundle import LoadedModel
 from mmalign.prompts import build_generation_prompt, get_template, user_with_image
 
 log = logging.getLogger(__name__)
@@ -168,15 +167,13 @@ class BatchWorker:
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
-        template: Any,
+        loaded: LoadedModel,
         *,
         max_batch_size: int = 16,
         batch_wait_s: float = 0.02,
         max_queue: int = 256,
     ):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.loaded = loaded
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.batches: collections.deque[int] = collections.deque(maxlen=1000)  # the last batches' sizes (for tests)
@@ -222,7 +219,7 @@ class BatchWorker:
     def _run(self, jobs: list[Job], **gen: Any) -> None:
         self.batches.append(len(jobs))
         try:
-            generate_rows(self.model, self.tokenizer, self.template, [j.row for j in jobs], **gen)
+            generate_rows(self.loaded, [j.row for j in jobs], **gen)
         except Exception as e:  # noqa: BLE001 (reported to every client of the batch, the worker goes on)
             log.exception("generation failed for a batch of %d", len(jobs))
             for j in jobs:
@@ -235,11 +232,111 @@ class BatchWorker:
 # --------------------------------------------------------------------------- the app
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; checked before any image is fetched or decoded."""
+
+    default_max_tokens: int = 256
+    max_context: int | None = None  # default: the LLM's max_position_embeddings (else 2048)
+    max_images: int = 8
+
+
+class Completions:
+    """`/v1/chat/completions` behind the web layer: validate, build the prompt, queue the job,
+    and shape what the worker produced as OpenAI's response."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        worker: BatchWorker,
+        *,
+        model_name: str,
+        system: Any,
+        images: ImagePolicy,
+        limits: Limits,
+    ):
+        self.loaded, self.worker, self.model_name, self.system, self.images = loaded, worker, model_name, system, images
+        text_config = loaded.model.config.get_text_config()
+        self.max_context = limits.max_context or getattr(text_config, "max_position_embeddings", None) or 2048
+        self.limits = limits
+
+    def check(self, req: ChatRequest) -> tuple[int, list[str]]:
+        """Cheap checks first: a request that will be refused costs no image decoding."""
+        if req.model not in (None, "", self.model_name):
+            raise APIError(
+                404,
+                f"model {req.model!r} not found; this server serves {self.model_name!r}",
+                "model",
+                "model_not_found",
+            )
+        if req.n != 1:
+            raise APIError(400, "only n=1 is supported", "n")
+        max_new = req.max_completion_tokens or req.max_tokens or self.limits.default_max_tokens
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if any(not s for s in stops) or len(stops) > 4:
+            raise APIError(400, "stop: up to 4 non-empty strings", "stop")
+        n_images = sum(isinstance(p, ImagePart) for m in req.messages if isinstance(m.content, list) for p in m.content)
+        if n_images > self.limits.max_images:
+            raise APIError(
+                400,
+                f"{n_images} images in one request, over the limit of {self.limits.max_images}",
+                "messages",
+                "too_many_images",
+            )
+        n_img = self.loaded.num_image_tokens
+        if n_images * n_img + max_new > self.max_context:
+            raise APIError(
+                400,
+                f"{n_images} images ({n_images * n_img} tokens) + max_tokens ({max_new}) are over "
+                f"the model's context of {self.max_context} tokens",
+                "messages",
+                "context_length_exceeded",
+            )
+        return max_new, stops
+
+    async def start(self, req: ChatRequest) -> tuple[Prompt, Row, asyncio.Queue]:
+        """Queue the request's row; its text arrives as ("text", str) events, then done / error."""
+        max_new, stops = self.check(req)
+        n_img = self.loaded.num_image_tokens
+        prompt = await run_in_threadpool(
+            build_prompt, req, self.loaded.tokenizer, self.loaded.template, n_img, self.images, self.system
+        )
+        if len(prompt.ids) + max_new > self.max_context:
+            raise APIError(
+                400,
+                f"prompt ({len(prompt.ids)} tokens) + max_tokens ({max_new}) is over the model's "
+                f"context of {self.max_context} tokens",
+                "messages",
+                "context_length_exceeded",
+            )
+        pixels = await run_in_threadpool(lambda: [self.loaded.image_transform(im) for im in prompt.images])
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: tuple[str, Any]) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        row = Row(prompt.ids, pixels, max_new, tuple(stops), on_text=lambda s: emit(("text", s)))
+        greedy = req.temperature == 0
+        sampling = (not greedy, 1.0 if greedy else req.temperature, 1.0 if greedy else req.top_p)
+        self.worker.submit(Job(row, sampling, emit))
+        return prompt, row, events
+
+    def meta(self) -> dict[str, Any]:
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+
+    @staticmethod
+    def response(meta: dict[str, Any], prompt: Prompt, row: Row, text: str) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": row.finish_reason}
+        usage = {
+            "prompt_tokens": len(prompt.ids),
+            "completion_tokens": len(row.token_ids),
+            "total_tokens": len(prompt.ids) + len(row.token_ids),
+        }
+        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
+
+
 def create_app(
-    model: Any,
-    tokenizer: Any,
-    template: str,
-    image_transform: Callable[[Image.Image], torch.Tensor],
+    loaded: LoadedModel,
     *,
     model_name: str = "mmalign",
     system: Any = _DEFAULT,
@@ -247,16 +344,11 @@ def create_app(
     max_batch_size: int = 16,
     batch_wait_s: float = 0.02,
     max_queue: int = 256,
-    default_max_tokens: int = 256,
-    max_context: int | None = None,
-    max_images: int = 8,
+    limits: Limits = Limits(),  # noqa: B008 (frozen dataclass)
 ) -> FastAPI:
     """The FastAPI app around one loaded model (see the module doc)."""
-    n_img = num_image_tokens(model.config)
-    max_context = max_context or getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2048
-    worker = BatchWorker(
-        model, tokenizer, template, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queue=max_queue
-    )
+    worker = BatchWorker(loaded, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queue=max_queue)
+    completions = Completions(loaded, worker, model_name=model_name, system=system, images=images, limits=limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -266,29 +358,7 @@ def create_app(
 
     app = FastAPI(title="mmalign", lifespan=lifespan)
     app.state.worker = worker
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0]
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "json_invalid":
-            return JSONResponse(
-                error_body(f"malformed JSON body: {err.get('msg')}", "invalid_request_error", None, "invalid_json"),
-                status_code=400,
-            )
-        param = ".".join(loc) or None
-        msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
-        return JSONResponse(error_body(msg, "invalid_request_error", param, err.get("type")), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            error_body(str(e.detail), "invalid_request_error", None, str(e.status_code)), status_code=e.status_code
-        )
+    _add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -300,77 +370,62 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        if req.model not in (None, "", model_name):
-            raise APIError(
-                404, f"model {req.model!r} not found; this server serves {model_name!r}", "model", "model_not_found"
-            )
-        if req.n != 1:
-            raise APIError(400, "only n=1 is supported", "n")
-        # cheap checks first: no image is fetched or decoded for a request that will be refused
-        max_new = req.max_completion_tokens or req.max_tokens or default_max_tokens
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if any(not s for s in stops) or len(stops) > 4:
-            raise APIError(400, "stop: up to 4 non-empty strings", "stop")
-        n_images = sum(isinstance(p, ImagePart) for m in req.messages if isinstance(m.content, list) for p in m.content)
-        if n_images > max_images:
-            raise APIError(
-                400, f"{n_images} images in one request, over the limit of {max_images}", "messages", "too_many_images"
-            )
-        if n_images * n_img + max_new > max_context:
-            raise APIError(
-                400,
-                f"{n_images} images ({n_images * n_img} tokens) + max_tokens ({max_new}) are over "
-                f"the model's context of {max_context} tokens",
-                "messages",
-                "context_length_exceeded",
-            )
-        prompt = await run_in_threadpool(build_prompt, req, tokenizer, template, n_img, images, system)
-        if len(prompt.ids) + max_new > max_context:
-            raise APIError(
-                400,
-                f"prompt ({len(prompt.ids)} tokens) + max_tokens ({max_new}) is over the model's "
-                f"context of {max_context} tokens",
-                "messages",
-                "context_length_exceeded",
-            )
-        pixels = await run_in_threadpool(lambda: [image_transform(im) for im in prompt.images])
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
-        row = Row(prompt.ids, pixels, max_new, tuple(stops), on_text=lambda s: emit(("text", s)))
-        greedy = req.temperature == 0
-        worker.submit(Job(row, (not greedy, 1.0 if greedy else req.temperature, 1.0 if greedy else req.top_p), emit))
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        prompt, row, events = await completions.start(req)
+        meta = completions.meta()
         if req.stream:
             return StreamingResponse(_sse(meta, events, row), media_type="text/event-stream")
-        text, gone = [], asyncio.ensure_future(_disconnect(request))
-        try:
-            while True:
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():  # the client went away: nobody reads the answer
-                    getter.cancel()
-                    return Response(status_code=499)
-                if (ev := getter.result())[0] != "text":
-                    break
-                text.append(ev[1])
-        finally:
-            row.cancelled.set()  # ends the row's generation if it is still running
-            gone.cancel()
-        if ev[0] == "error":
-            raise APIError(500, f"generation failed: {ev[1]}", None, "generation_failed", "server_error")
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": "".join(text)},
-            "finish_reason": row.finish_reason,
-        }
-        usage = {
-            "prompt_tokens": len(prompt.ids),
-            "completion_tokens": len(row.token_ids),
-            "total_tokens": len(prompt.ids) + len(row.token_ids),
-        }
-        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
+        text = await _collect(events, row, request)
+        if text is None:  # the client went away: nobody reads the answer
+            return Response(status_code=499)
+        return completions.response(meta, prompt, row, text)
 
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's error body with a 4xx / 5xx status."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            body = error_body(f"malformed JSON body: {err.get('msg')}", "invalid_request_error", None, "invalid_json")
+            return JSONResponse(body, status_code=400)
+        param = ".".join(loc) or None
+        msg = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+        return JSONResponse(error_body(msg, "invalid_request_error", param, err.get("type")), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        body = error_body(str(e.detail), "invalid_request_error", None, str(e.status_code))
+        return JSONResponse(body, status_code=e.status_code)
+
+
+async def _collect(events: asyncio.Queue, row: Row, request: Request) -> str | None:
+    """The whole answer of a non-streamed request, or None if its client disconnected first
+    (its row then stops at the next step)."""
+    text, gone = [], asyncio.ensure_future(_disconnect(request))
+    try:
+        while True:
+            getter = asyncio.ensure_future(events.get())
+            await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                return None
+            if (ev := getter.result())[0] != "text":
+                break
+            text.append(ev[1])
+    finally:
+        row.cancelled.set()  # ends the row's generation if it is still running
+        gone.cancel()
+    if ev[0] == "error":
+        raise APIError(500, f"generation failed: {ev[1]}", None, "generation_failed", "server_error")
+    return "".join(text)
 
 
 async def _disconnect(request: Request) -> None:
@@ -421,17 +476,7 @@ def serve(
     """Load `model_dir` and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    from mmalign.model import image_transform_for
-    from mmalign.model.build import load_model, template_of
-
-    model, tokenizer = load_model(model_dir, dtype=dtype, device=device, load_in=load_in)
-    app = create_app(
-        model,
-        tokenizer,
-        template or template_of(model_dir),
-        image_transform_for(model),
-        model_name=model_name or model_dir,
-        images=ImagePolicy(allow_remote=allow_remote_images),
-        max_batch_size=max_batch_size,
-    )
+    loaded = LoadedModel.load(model_dir, template=template, dtype=dtype, device=device, load_in=load_in)
+    policy = ImagePolicy(allow_remote=allow_remote_images)
+    app = create_app(loaded, model_name=model_name or model_dir, images=policy, max_batch_size=max_batch_size)
     uvicorn.run(app, host=host, port=port)

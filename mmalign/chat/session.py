@@ -14,7 +14,7 @@ conversation (images included) and drops the cache, which the next turn builds a
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,7 +22,8 @@ from PIL import Image
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from mmalign.chat.generate import CACHE_KWARG, cut_at_stop, generation_kwargs, model_generate, stop_prefix_len
-from mmalign.model import check_image_tokens, num_image_tokens
+from mmalign.model.architectures import check_image_tokens
+from mmalign.model.bundle import LoadedModel
 from mmalign.prompts import encode_user_turn, get_template, user_with_image
 
 _DEFAULT: Any = object()
@@ -41,17 +42,15 @@ class _UntilSet(StoppingCriteria):
 class ChatSession:
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
-        template: str,
-        image_transform: Callable[[Image.Image], torch.Tensor],
+        loaded: LoadedModel,
         *,
         system: str | None = _DEFAULT,
         max_context: int = 2000,
         kv_reuse: bool = True,
     ) -> None:
-        self.model, self.tokenizer, self.template = model, tokenizer, get_template(template)
-        self.image_transform = image_transform
+        self.loaded = loaded
+        self.model, self.tokenizer, self.template = loaded.model, loaded.tokenizer, get_template(loaded.template)
+        self.image_transform = loaded.image_transform
         self.system = self.template.system if system is _DEFAULT else system
         self.max_context = max_context  # MiniGPT-4's demo keeps the last 2000 tokens of context
         self.kv_reuse = kv_reuse
@@ -83,7 +82,7 @@ class ChatSession:
         content = text
         for _ in self.images[self._marked :]:
             content = user_with_image(self.template, content)
-        n_img = num_image_tokens(self.model.config)
+        n_img = self.loaded.num_image_tokens
         new = encode_user_turn(self.tokenizer, self.template, content, n_img, first=not self.ids, system=self.system)
         ids = self.ids + new
         kwargs = generation_kwargs(self.tokenizer, self.template, **gen)
@@ -123,7 +122,7 @@ class ChatSession:
     def _generate(self, ids: list[int], kwargs: dict[str, Any], out: list[list[int]]) -> Iterator[str]:
         """Decoded text as it is generated; the output ids land in `out`. An error in the
         generating thread is raised here (else the streamer would wait for text forever)."""
-        device = next(self.model.parameters()).device
+        device = self.loaded.device
         input_ids = torch.tensor([ids], device=device)
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         beams = kwargs.get("num_beams", 1) > 1
@@ -136,8 +135,7 @@ class ChatSession:
             inputs[CACHE_KWARG] = self._cache
         new_images = self.images[self._cached_images :]
         if new_images:
-            dtype = next(self.model.parameters()).dtype
-            inputs["pixel_values"] = torch.stack([self.image_transform(im) for im in new_images]).to(device, dtype)
+            inputs["pixel_values"] = self.loaded.pixel_values(new_images)
         if beams:  # transformers cannot stream beam search: the answer comes as one piece
             seq = model_generate(self.model, **inputs, **kwargs)[0].tolist()
             out.append(seq)

@@ -6,10 +6,12 @@ from mmalign.data.sampling import LengthGroupedSampler
 from mmalign.data.sources import (
     CaptionRecord,
     ConversationRecord,
+    DataError,
     MultimodalDataset,
     SkipCounter,
     encode_sample,
     load_image,
+    load_json,
     make_caption_encoder,
     make_conversation_encoder,
     read_caption_json,
@@ -29,6 +31,7 @@ from mmalign.data.stream import (
 __all__ = [
     "CaptionRecord",
     "ConversationRecord",
+    "DataError",
     "IndexStream",
     "LengthGroupedSampler",
     "MixedStream",
@@ -42,6 +45,7 @@ __all__ = [
     "expand_shards",
     "left_pad",
     "load_image",
+    "load_json",
     "make_caption_encoder",
     "make_conversation_encoder",
     "merge_summaries",

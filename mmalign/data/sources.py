@@ -47,6 +47,12 @@ class ConversationRecord:
 Record = CaptionRecord | ConversationRecord
 
 
+class DataError(ValueError):
+    """Data that cannot be trained on at all (a JSON file that does not parse, a top level of
+    the wrong kind, no usable record, no shard): named by file (and line and column), so it is
+    reported before the model loads instead of as a traceback after it."""
+
+
 class SkipCounter:
     """Counts of skipped records per reason, the first few names per reason, and truncations,
     shared by every process that holds a copy.
@@ -58,8 +64,10 @@ class SkipCounter:
     full list of skipped names (e.g. ``runs/x/skips.jsonl``).
     """
 
-    def __init__(self, max_examples: int = 5, path: str | Path | None = None) -> None:
+    def __init__(self, max_examples: int = 5, path: str | Path | None = None, *, quiet: bool = False) -> None:
         self.max_examples = max_examples
+        self.quiet = quiet  # count without a log line per event (a dry read, e.g. ``check_data``)
+        self.truncations_logged = 0  # per process: the first ``max_examples`` get a warning each
         if path is None:
             fd, name = tempfile.mkstemp(prefix="mmalign-skips-", suffix=".jsonl")
             os.close(fd)
@@ -79,12 +87,23 @@ class SkipCounter:
             os.close(fd)
 
     def add(self, reason: str, where: str, detail: str = "") -> None:
-        log.warning("skipped %s: %s%s", where, reason, f" ({detail})" if detail else "")
+        if not self.quiet:
+            log.warning("skipped %s: %s%s", where, reason, f" ({detail})" if detail else "")
         self._append({"reason": reason, "where": where, "detail": detail})
 
-    def add_truncated(self, where: str) -> None:
-        """A kept sample that lost answer tokens to max_length (not a skip, but reported)."""
-        self._append({"truncated": where})
+    def add_truncated(self, where: str, detail: str = "") -> None:
+        """A kept sample that lost answer tokens to max_length (not a skip, but named and reported).
+
+        The first ``max_examples`` of each process get a warning each, then one line says the
+        rest are only counted: a run with many long samples is not drowned in warnings."""
+        self._append({"truncated": where, "detail": detail})
+        if self.quiet or self.truncations_logged > self.max_examples:
+            return
+        self.truncations_logged += 1
+        if self.truncations_logged <= self.max_examples:
+            log.warning("truncated %s: %s", where, detail or "answer tokens cut at max_length")
+        else:
+            log.warning("more samples truncated at max_length: counted and named in %s, not logged", self.path)
 
     def events(self) -> list[dict[str, str]]:
         if not self.path.exists():
@@ -94,16 +113,22 @@ class SkipCounter:
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
         examples: dict[str, list[str]] = {}
-        truncated = 0
+        truncated: list[str] = []
         for e in self.events():
             if "truncated" in e:
-                truncated += 1
+                truncated.append(e["truncated"])
                 continue
             counts[e["reason"]] = counts.get(e["reason"], 0) + 1
             ex = examples.setdefault(e["reason"], [])
             if len(ex) < self.max_examples:
                 ex.append(e["where"])
-        out = {"total": sum(counts.values()), "counts": counts, "examples": examples, "truncated": truncated}
+        out = {
+            "total": sum(counts.values()),
+            "counts": counts,
+            "examples": examples,
+            "truncated": len(truncated),
+            "truncated_examples": truncated[: self.max_examples],
+        }
         if self.keep:
             out["log"] = str(self.path)
         return out
@@ -131,9 +156,25 @@ def _remove_if_owner(name: str, owner_pid: int) -> None:
         Path(name).unlink(missing_ok=True)
 
 
-def _load_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def load_json(path: str | Path) -> Any:
+    """The parsed file. Every failure is a ``DataError`` naming the file, and for bad syntax or
+    bad UTF-8 also the line and column (``json`` itself names neither the file nor, for
+    encoding errors, the place)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM is tolerated, as by most editors
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}:{col}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+    del raw
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
 
 
 def read_caption_json(
@@ -153,7 +194,7 @@ def read_caption_json(
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     skips = skips if skips is not None else SkipCounter()
-    data = _load_json(path)
+    data = load_json(path)
     if isinstance(data, dict) and "annotations" in data:
         items, img_dir = data["annotations"], (root / "image" if (root / "image").is_dir() else root)
         get_image = lambda a: img_dir / f"{a['image_id']}.jpg"  # noqa: E731
@@ -163,7 +204,9 @@ def read_caption_json(
         get_image = lambda a: root / a["image"]  # noqa: E731
         get_key = lambda a, i: f"{path}#{i}"  # noqa: E731
     else:
-        raise ValueError(f"{path}: expected a JSON list or {{'annotations': [...]}}")
+        raise DataError(f"{path}: expected a JSON list or {{'annotations': [...]}}, got {_kind(data)}")
+    if not isinstance(items, list):
+        raise DataError(f"{path}: 'annotations' is {_kind(items)}, expected a list of records")
     out: list[CaptionRecord] = []
     for i, a in enumerate(items):
         where = f"{path}#{i}"
@@ -174,7 +217,13 @@ def read_caption_json(
         except (KeyError, TypeError, AttributeError) as e:
             skips.add("malformed record", where, repr(e))
             continue
-        if not isinstance(caption, str) or not caption.strip():
+        if "caption" not in a:
+            skips.add("missing caption", key, f"no 'caption' key in {sorted(a)}")
+            continue
+        if not isinstance(caption, str):
+            skips.add("malformed record", key, f"'caption' is {_kind(caption)}, not a string")
+            continue
+        if not caption.strip():
             skips.add("empty caption", key)
             continue
         if check_images and not image.is_file():
@@ -182,6 +231,21 @@ def read_caption_json(
             continue
         out.append(CaptionRecord(image=image, caption=caption.strip(), key=key))
     return out
+
+
+_JSON_KINDS = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in the words of an error message."""
+    return "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
 
 
 _REASONS = {"no answer", "empty answer", "image marker but no image"}
@@ -248,9 +312,9 @@ def read_llava_json(
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     skips = skips if skips is not None else SkipCounter()
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of conversations")
+        raise DataError(f"{path}: expected a JSON list of conversations, got {_kind(data)}")
     out: list[ConversationRecord] = []
     for i, s in enumerate(data):
         where = f"{path}#{i}" + (f" (id={s.get('id')})" if isinstance(s, dict) and "id" in s else "")
@@ -356,7 +420,7 @@ def encode_sample(
         skips.add("image / placeholder mismatch", where, f"{n_images} placeholders, image={image is not None}")
         return None
     if enc.get("answer_tokens_cut"):
-        skips.add_truncated(where)
+        skips.add_truncated(where, f"{enc['answer_tokens_cut']} answer token(s) past max_length cut")
     return {
         "input_ids": enc["input_ids"],
         "labels": enc["labels"],

@@ -153,6 +153,18 @@ def looks_like_shards(path: str) -> bool:
     return any(p.split("?")[0].endswith((".tar", ".tgz", ".tar.gz")) for p in path.split("::"))
 
 
+def _header_ok(h: bytes) -> bool:
+    """A full 512-byte block with the unsigned or the signed checksum ``tarfile`` accepts."""
+    if len(h) < 512:
+        return False
+    try:
+        chk = int(h[148:156].split(b"\0", 1)[0].strip() or b"0", 8)  # as tarfile's nti reads it
+    except ValueError:
+        return False
+    unsigned = sum(h[:148]) + 256 + sum(h[156:])
+    return chk in (unsigned, unsigned - 2 * sum(b for b in h[:148] + h[156:] if b > 127))
+
+
 def _local_members(path: str) -> Iterator[str]:
     """Names of the regular members of a local uncompressed tar whose data is all there, read
     from the 512-byte headers alone (``tarfile`` parses far more and is ~15x slower). Ends where
@@ -164,12 +176,8 @@ def _local_members(path: str) -> Iterator[str]:
         while True:
             f.seek(off)
             h = f.read(512)
-            if len(h) < 512 or h == bytes(512):
+            if len(h) < 512 or h == bytes(512) or not _header_ok(h):
                 return
-            chk = int(h[148:156].rstrip(b"\0 ") or b"0", 8)
-            unsigned = sum(h[:148]) + 256 + sum(h[156:])
-            if chk != unsigned and chk != unsigned - 2 * sum(b for b in h[:148] + h[156:] if b > 127):
-                return  # neither the unsigned nor the signed checksum tarfile accepts
             field = h[124:136]
             n = int.from_bytes(field[1:], "big") if field[0] & 0x80 else int(field.rstrip(b"\0 ") or b"0", 8)
             kind, data_end = h[156:157], off + 512 + n
@@ -230,17 +238,42 @@ def count_shard_samples(url: str) -> int:
     return n
 
 
-def _tar_is_complete(url: str) -> bool | None:
-    """A tar written to the end closes with two zero blocks; a shard cut off while it was
-    written (or copied) does not. None when the shard is not a local file."""
+def _local_tar_problem(url: str) -> tuple[str, str] | None:
+    """(reason, detail) when a local ``.tar`` is not a tar at all (its first block is no tar
+    header: an HTML error page, a gzip, an empty file) or is cut off (a tar written to the end
+    closes with two zero blocks; one cut while written or copied does not). None when it is
+    whole, or not a local file (the stream's errors tell then)."""
     if not (os.path.isfile(url) and url.endswith(".tar")):
         return None
     size = os.path.getsize(url)
-    if size < 1024 or size % 512:
-        return False
     with open(url, "rb") as f:
-        f.seek(size - 1024)
-        return f.read(1024) == bytes(1024)
+        head = f.read(512)
+        f.seek(max(size - 1024, 0))
+        tail = f.read(1024)
+    if size == 0:
+        return "not a tar file", "empty file"
+    if head != bytes(len(head)) and not _header_ok(head):
+        return "not a tar file", f"{size} bytes starting {head[:32]!r}: no tar header"
+    if size < 1024 or size % 512 or tail != bytes(1024):
+        return "truncated tar", "no end-of-archive blocks: its last samples are lost"
+    return None
+
+
+_NOT_A_TAR = {"empty file", "invalid header", "bad checksum"}  # tarfile's ReadError at the first header
+_CUT_SHORT = {"truncated header", "unexpected end of data"}
+
+
+def _tar_error_reason(exn: Exception) -> str:
+    """What a stream error says about a shard: "not a tar file", "truncated tar" or "unreadable tar"."""
+    first = str(exn.args[0]) if exn.args else ""
+    if isinstance(exn, tarfile.ReadError) and first in _NOT_A_TAR:
+        return "not a tar file"
+    if isinstance(exn, EOFError) or (isinstance(exn, tarfile.ReadError) and first in _CUT_SHORT):
+        return "truncated tar"  # EOFError: a .tar.gz whose gzip stream ends early
+    return "unreadable tar"
+
+
+_BYTES_IO = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # how PIL names in-memory images
 
 
 class ShardStream(StreamDataset):
@@ -306,17 +339,19 @@ class ShardStream(StreamDataset):
 
         def opened(urls: list[str]) -> Iterator[dict[str, str]]:
             for url in urls:
-                if _tar_is_complete(url) is False:
+                problem = _local_tar_problem(url)
+                if problem is not None:
                     reported.add(url)
-                    self.skips.add("truncated tar", url, "no end-of-archive blocks: its last samples are lost")
-                yield {"url": url}
+                    self.skips.add(problem[0], url, problem[1])
+                if problem is None or problem[0] != "not a tar file":  # a cut-off shard's samples are used
+                    yield {"url": url}
 
         def handler(exn: Exception) -> bool:  # webdataset: True = go on with the next member / shard
             text = " ".join(map(str, exn.args))
             url = next((u for u in shards if u in text), "?")
             if url == "?" or url not in reported:  # one error per shard (a cut-off one raises twice)
                 reported.add(url)
-                self.skips.add("unreadable tar", url, repr(exn)[:300])
+                self.skips.add(_tar_error_reason(exn), url, repr(exn)[:300])
             return True
 
         raw: Iterator[dict[str, Any]] = wds.tarfile_samples(opened(shards), handler=handler)
@@ -341,14 +376,14 @@ class ShardStream(StreamDataset):
         if not caption:
             self.skips.add("empty caption", where)
             return None
-        data = next((s[k] for k in IMAGE_EXTS if k in s), None)
-        if data is None:
+        ext = next((k for k in IMAGE_EXTS if k in s), None)
+        if ext is None:
             self.skips.add("missing image", where, f"no .jpg/.png/.webp in {sorted(k for k in s if k[:2] != '__')}")
             return None
         try:
-            image = load_image(io.BytesIO(data))
+            image = load_image(io.BytesIO(s[ext]))
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-            self.skips.add("corrupt image", where, repr(e)[:300])
+            self.skips.add("corrupt image", where, _BYTES_IO.sub(f"{where}.{ext}", repr(e))[:300])
             return None
         rec = CaptionRecord(image=image, caption=caption, key=where)
         return encode_sample(rec, image, self.encode_fn, self.image_transform, self.skips, where)
@@ -461,10 +496,11 @@ class MixedStream(StreamDataset):
 
 def merge_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Add up ``SkipCounter.summary()`` dicts (e.g. one per source or per rank)."""
-    out: dict[str, Any] = {"total": 0, "counts": {}, "examples": {}, "truncated": 0}
+    out: dict[str, Any] = {"total": 0, "counts": {}, "examples": {}, "truncated": 0, "truncated_examples": []}
     for s in summaries:
         out["total"] += s.get("total", 0)
         out["truncated"] += s.get("truncated", 0)
+        out["truncated_examples"].extend(s.get("truncated_examples", []))
         for k, v in s.get("counts", {}).items():
             out["counts"][k] = out["counts"].get(k, 0) + v
         for k, v in s.get("examples", {}).items():

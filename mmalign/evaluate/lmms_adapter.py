@@ -75,7 +75,7 @@ class MMAlignLMMS(_LMMSBase):
             self.batch_size = int(batch_size)
         except ValueError:
             raise ValueError(f"mmalign lmms-eval model needs a number for batch_size, got {batch_size!r}") from None
-        from mmalign.model import image_transform_for, load_model, template_of
+        from mmalign.model import LoadedModel, load_model, template_of
 
         if model is None:
             if pretrained is None:
@@ -86,8 +86,9 @@ class MMAlignLMMS(_LMMSBase):
             template = template or template_of(pretrained)
         if template is None:
             raise ValueError("pass template=... with a built model")
+        self.loaded = LoadedModel.of(model, tokenizer, template, name=pretrained or "")
         self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.image_transform = image_transform_for(model)
+        self.image_transform = self.loaded.image_transform
         self.pretrained = pretrained
 
     @classmethod
@@ -139,15 +140,7 @@ class MMAlignLMMS(_LMMSBase):
             for i in idx:
                 context, _, doc_to_visual, doc_id, task, split = requests[i].args
                 items.append((self._visual(doc_to_visual, task, split, doc_id), self._question(context)))
-            answers = generate(
-                self.model,
-                self.tokenizer,
-                self.template,
-                items,
-                self.image_transform,
-                batch_size=self.batch_size,
-                max_new_tokens=max_new,
-            )
+            answers = generate(self.loaded, items, batch_size=self.batch_size, max_new_tokens=max_new)
             for i, text in zip(idx, answers):
                 for stop in until:
                     if stop and stop in text:

@@ -19,10 +19,13 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from mmalign.model.bundle import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +96,8 @@ def get_task(name: str) -> Task:
 
 
 def generate(
-    model: Any,
-    tokenizer: Any,
-    template: str,
+    loaded: LoadedModel,
     items: Sequence[tuple[Image.Image | None, str]],
-    image_transform: Callable,
     *,
     batch_size: int,
     **gen: Any,
@@ -108,23 +108,15 @@ def generate(
     from mmalign.chat.generate import generate_batch
     from mmalign.prompts import training_system, user_with_image
 
+    template = loaded.template
     turns = [
         (im, [{"role": "user", "content": user_with_image(template, q) if im is not None else q}]) for im, q in items
     ]
-    return generate_batch(
-        model,
-        tokenizer,
-        template,
-        turns,
-        image_transform,
-        batch_size=batch_size,
-        system=training_system(template),
-        **gen,
-    )
+    return generate_batch(loaded, turns, batch_size=batch_size, system=training_system(template), **gen)
 
 
 # ---------------------------------------------------------------------------------------------
-# predictions file
+# files
 
 
 def read_json(path: Path) -> Any:
@@ -199,17 +191,14 @@ def run_task(
     task: Task,
     samples: list[Sample],
     out_dir: str | Path | None,
-    model: Any = None,
-    tokenizer: Any = None,
-    template: str | None = None,
-    image_transform: Callable | None = None,
+    loaded: LoadedModel | None = None,
     *,
     batch_size: int = 16,
     max_new_tokens: int | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Answer every sample not yet in `out_dir/predictions.jsonl`, then score all of them into
-    `out_dir/metrics.json`. With `model=None` nothing is generated: a re-score of what is saved.
+    `out_dir/metrics.json`. With `loaded=None` nothing is generated: a re-score of what is saved.
     With `out_dir=None` nothing is written (in-memory evaluation, e.g. inside the toy main job)."""
     path = None
     if out_dir is not None:
@@ -218,7 +207,7 @@ def run_task(
     done = read_predictions(path, samples) if path else {}
     todo = [s for s in samples if s.id not in done]
     skipped: list[str] = []
-    if todo and model is not None:
+    if todo and loaded is not None:
         with (
             open(path, "a") if path else contextlib.nullcontext() as f,
             tqdm(
@@ -232,32 +221,10 @@ def run_task(
             if f is not None and _ends_without_newline(path):
                 f.write("\n")  # a line cut off by a kill stays on its own (unreadable) line
             for chunk in _batches(todo, batch_size):
-                ready, images = [], []
-                for s in chunk:
-                    try:
-                        images.append(s.image().convert("RGB") if s.image is not None else None)
-                        ready.append(s)
-                    except (OSError, ValueError) as e:  # missing / corrupt image: counted, skipped
-                        log.warning("sample %s: cannot open its image (%s); skipped", s.id, e)
-                        skipped.append(s.id)
-                answers = (
-                    generate(
-                        model,
-                        tokenizer,
-                        template,
-                        [(im, s.prompt) for im, s in zip(images, ready)],
-                        image_transform,
-                        batch_size=len(ready) or 1,
-                        max_new_tokens=max_new_tokens or chunk[0].max_new_tokens,
-                    )
-                    if ready
-                    else []
-                )
-                for s, answer in zip(ready, answers):
-                    rec = {"id": s.id, "prompt": s.prompt, "prediction": answer, "truth": s.truth}
+                for rec in _answer(loaded, chunk, max_new_tokens, skipped):
                     if f is not None:
                         f.write(json.dumps(rec) + "\n")
-                    done[s.id] = rec
+                    done[rec["id"]] = rec
                 if f is not None:
                     f.flush()
                 bar.update(len(chunk))
@@ -270,6 +237,28 @@ def run_task(
     if out_dir is not None:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return EvalResult(metrics, records)
+
+
+def _answer(loaded: LoadedModel, chunk: list[Sample], max_new_tokens: int | None, skipped: list[str]) -> list[dict]:
+    """Prediction records for one batch; a sample whose image cannot be opened is logged, added
+    to `skipped` and left out (it is retried by the next run)."""
+    ready, images = [], []
+    for s in chunk:
+        try:
+            images.append(s.image().convert("RGB") if s.image is not None else None)
+            ready.append(s)
+        except (OSError, ValueError) as e:  # missing / corrupt image: counted, skipped
+            log.warning("sample %s: cannot open its image (%s); skipped", s.id, e)
+            skipped.append(s.id)
+    if not ready:
+        return []
+    answers = generate(
+        loaded,
+        [(im, s.prompt) for im, s in zip(images, ready)],
+        batch_size=len(ready),
+        max_new_tokens=max_new_tokens or chunk[0].max_new_tokens,
+    )
+    return [{"id": s.id, "prompt": s.prompt, "prediction": a, "truth": s.truth} for s, a in zip(ready, answers)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,25 +304,22 @@ def evaluate(
         raise ValueError(f"task {task_name!r}: no samples found in {data}")
     results: dict[str, dict[str, Any]] = {}
     for name, path in models.items():
-        model = tokenizer = transform = tmpl = None
+        loaded = None
         if not rescore:
-            from mmalign.model import image_transform_for, load_model, template_of
+            from mmalign.model import LoadedModel
 
-            model, tokenizer = load_model(path, dtype=dtype, device=device)
-            tmpl, transform = template or template_of(path), image_transform_for(model)
-        results[name] = run_task(
+            loaded = LoadedModel.load(path, template=template, dtype=dtype, device=device)
+        result = run_task(
             task,
             samples,
             Path(out) / name,
-            model,
-            tokenizer,
-            tmpl,
-            transform,
+            loaded,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             progress=progress,
-        ).metrics
-        del model
+        )
+        results[name] = result.metrics
+        del loaded
     rows = list(dict.fromkeys(r for m in results.values() for r in task.rows(m)))
     intro = [f"Task `{task.name}`: {task.description}; {len(samples)} prompts, greedy decoding.", ""]
     intro += [f"- `{name}`: `{path}`" for name, path in models.items()]

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmalign.data import toyworld as tw
 from mmalign.evaluate.chair import SHORT_PROMPT, chair_counts, chair_scores
 from mmalign.evaluate.pope import yes_no_metrics
 from mmalign.evaluate.runner import Sample, Task, run_task
 from mmalign.prompts import MINIGPT4_INSTRUCTIONS
+
+if TYPE_CHECKING:
+    from mmalign.model.bundle import LoadedModel
 
 LONG_PROMPT = MINIGPT4_INSTRUCTIONS[0]  # "Describe this image in detail." (what the toy trains on)
 DESCRIBE_PROMPTS = {"long": LONG_PROMPT, "short": SHORT_PROMPT}
@@ -196,10 +198,7 @@ TASK = Task(
 
 
 def evaluate_toy(
-    model: Any,
-    tokenizer: Any,
-    template: str,
-    image_transform: Callable,
+    loaded: LoadedModel,
     *,
     n_scenes: int = 200,
     split: str = "test",
@@ -209,5 +208,5 @@ def evaluate_toy(
 ) -> ToyEval:
     """Greedy answers to every toy question and detailed / short descriptions of `n_scenes` scenes."""
     samples = toy_samples(n_scenes, split, seed, describe_prompts)
-    result = run_task(TASK, samples, None, model, tokenizer, template, image_transform, batch_size=batch_size)
+    result = run_task(TASK, samples, None, loaded, batch_size=batch_size)
     return ToyEval(result.metrics, result.records)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlavaProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
-from mmalign.model.build import MMALIGN_META, image_processor_for
+from mmalign.model.loading import MMALIGN_META
+from mmalign.model.processing import image_processor_for
 from mmalign.prompts import IMAGE_TOKEN, chat_template, get_template
 
 WEIGHTS, META, STATE = "trainable.safetensors", "trainable.json", "state.pt"

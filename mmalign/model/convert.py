@@ -40,9 +40,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mmalign.model.build import _Checkpoint, _prepare_tokenizer, _vision_config, num_image_tokens
+from mmalign.model.architectures import architecture_of, num_image_tokens
 from mmalign.model.checkpoint import MMALIGN_META, export
+from mmalign.model.compose import prepare_tokenizer, vision_config_of
 from mmalign.model.patch_model import MiniGPT4PatchConfig, MiniGPT4PatchForConditionalGeneration
+from mmalign.model.weights import WeightReader
 from mmalign.prompts import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class ConversionError(ValueError):
 class Rename:
     """``original`` <-> ``target`` name pattern. ``{i}`` matches digits, ``{rest}`` anything,
     other ``{field}`` one dotted component. ``{vision}``, ``{projector}``, ``{text}``,
-    ``{lm_head}`` are the target model's prefixes (``PREFIXES``). ``part`` "q" / "v": the tensor
+    ``{lm_head}`` are the target model's prefixes (``Architecture.conversion_prefixes``). ``part`` "q" / "v": the tensor
     is that slice of a fused bias (EVA's ``q_bias`` / ``v_bias`` -> Blip2's ``qkv.bias``)."""
 
     original: str
@@ -102,6 +104,7 @@ MINIGPT4_IGNORED: dict[str, str] = {
     r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\..+": "the Q-Former's text feed-forward "
     "(queries use *_query; MiniGPT-4 deletes it)",
     r"(t5_proj|opt_proj|vision_proj|text_proj|itm_head)\..+|temp": "BLIP-2's own heads",
+    r"(t5_model|opt_model)\..+": "BLIP-2's own language model (MiniGPT-4 runs its LLM instead)",
     r".+\.rotary_emb\.inv_freq": "recomputed from the config",
 }
 
@@ -119,27 +122,6 @@ LLAVA_TEXT_TYPES = {  # config.json `architectures` -> the text model inside
     "Share4VLlamaForCausalLM": "llama",
 }
 LLAVA_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}  # mm_vision_select_feature -> HF strategy
-
-PREFIXES = {  # where each part lives in the target class
-    "blip-2": dict(
-        vision="vision_model.",
-        projector="language_projection.",
-        text="language_model.model.",
-        lm_head="language_model.lm_head.weight",
-    ),
-    "minigpt4_patch": dict(
-        vision="model.vision_tower.",
-        projector="model.multi_modal_projector.linear.",
-        text="model.language_model.",
-        lm_head="lm_head.weight",
-    ),
-    "llava": dict(
-        vision="model.vision_tower.",
-        projector="model.multi_modal_projector.",
-        text="model.language_model.",
-        lm_head="lm_head.weight",
-    ),
-}
 
 EVA_HEADS = {1408: 16}  # EVA ViT-g: 1408 // 88 heads; head counts are not visible in tensor shapes
 QFORMER_HEADS = {768: 12}  # BERT-base
@@ -262,21 +244,35 @@ def load_original(path: str | Path, *, allow_pickle: bool = False) -> Tensors:
     return dict(state)
 
 
-def _merge(sources: dict[str, Tensors]) -> Tensors:
-    """One name space from several files; a tensor given by two files is an error."""
+def _merge(sources: dict[str, Tensors]) -> tuple[Tensors, dict[str, str]]:
+    """One name space from several files given in the order MiniGPT-4 loads them, and the file
+    each tensor is taken from. A tensor in two files comes from the later one, as MiniGPT-4's
+    ``load_state_dict(strict=False)`` calls overwrite (logged); the shapes must agree, as they
+    must there."""
     out: Tensors = {}
     seen: dict[str, str] = {}
     for src, tensors in sources.items():
+        overridden: dict[str, list[str]] = {}
         for name, t in tensors.items():
             if name in out:
-                raise ConversionError(f"tensor {name} is given twice: by {seen[name]} and by {src}")
+                if out[name].shape != t.shape:
+                    raise ConversionError(
+                        f"tensor {name} is given twice with different shapes: "
+                        f"{list(out[name].shape)} by {seen[name]}, {list(t.shape)} by {src}"
+                    )
+                overridden.setdefault(seen[name], []).append(name)
             out[name], seen[name] = t, src
-    return out
+        for earlier, names in overridden.items():
+            log.info(
+                "%d tensors are in both %s and %s: taken from the latter, as MiniGPT-4 loads it later (e.g. %s)",
+                *(len(names), earlier, src, names[0]),
+            )
+    return out, seen
 
 
 def _read_folder(src: str, names: list[str] | None = None, what: str = "") -> Tensors:
     """Tensors of an HF-style folder / hub id (all, or ``names``), one shard file at a time."""
-    ckpt = _Checkpoint(src)
+    ckpt = WeightReader(src)
     names = list(ckpt.weight_map) if names is None else names
     by_file: dict[str, list[str]] = {}
     for n in names:
@@ -428,7 +424,7 @@ def _finish(
 
 def _tokenizer(src: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     tok = src if isinstance(src, PreTrainedTokenizerBase) else AutoTokenizer.from_pretrained(src)
-    return _prepare_tokenizer(tok)
+    return prepare_tokenizer(tok)
 
 
 def _write(
@@ -479,21 +475,10 @@ def convert_minigpt4(
     ``vit_layers``: EVA blocks kept (MiniGPT-4 and BLIP-2 build 39 of eva_vit_g's 40).
     Template default: ``minigpt4_v0`` (Vicuna) / ``llama2``.
     """
-    for path in (projection, blip2, vit):  # a mistyped checkpoint file is not a hub id
-        if (
-            path is not None
-            and str(path).endswith((".pth", ".pt", ".bin", ".safetensors"))
-            and not Path(path).is_file()
-        ):
-            raise ConversionError(f"{path}: no such file")
-    hf_blip2 = blip2 is not None and not Path(blip2).is_file()
-    if blip2 is None and vit is None:
-        raise ConversionError("give the vision side: blip2 (Vicuna variant) or vit (Llama-2 variant)")
-    if hf_blip2 and vit is not None:
-        raise ConversionError(f"{blip2} is a HF Blip2 folder holding its own ViT: drop vit")
+    hf_blip2 = _check_minigpt4_sources(projection, blip2, vit)
     arch = "blip-2" if blip2 is not None else "minigpt4_patch"
-    prefixes = PREFIXES[arch]
-    files = [projection, None if hf_blip2 else blip2, vit]
+    prefixes = architecture_of(arch).conversion_prefixes
+    files = [vit, None if hf_blip2 else blip2, projection]  # MiniGPT-4's load order: a later file wins
     tensors, origin = _minigpt4_originals([f for f in files if f is not None], vit, vit_layers, prefixes, allow_pickle)
     if hf_blip2:
         tensors.update(_read_hf_blip2(str(blip2), origin))
@@ -513,13 +498,37 @@ def convert_minigpt4(
     back = lambda n: original_name(n, MINIGPT4_RENAMES, prefixes)  # noqa: E731
     vision_side = (prefixes["vision"], "qformer.", "query_tokens", prefixes["projector"])
     _check(model, tensors, origin, "MiniGPT-4 vision side + projection", vision_side, back)  # before the LLM is read
-    llm_tensors, llm_origin = rename(_read_folder(llm, what=f"LLM {llm}"), MINIGPT4_RENAMES, MINIGPT4_IGNORED, prefixes)
-    _tie_lm_head(llm_tensors, model.config.text_config, prefixes)
-    _check(model, llm_tensors, llm_origin, f"LLM {llm}", (prefixes["text"], prefixes["lm_head"]), back)
+    llm_tensors = _minigpt4_llm(model, llm, prefixes)
     model = _finish(model, {**tensors, **llm_tensors}, tok, dtype)
-    template = template or ("minigpt4_v0" if arch == "blip-2" else "llama2")
+    template = template or architecture_of(arch).default_template
     given = {"projection": projection, "blip2": blip2, "vit": vit, "llm": llm}
     return _write(model, tok, out, template, max_shard_size, given)
+
+
+def _check_minigpt4_sources(projection: str | Path, blip2: str | Path | None, vit: str | Path | None) -> bool:
+    """Refuse impossible combinations before anything is read; True when ``blip2`` is a HF folder."""
+    for path in (projection, blip2, vit):  # a mistyped checkpoint file is not a hub id
+        if (
+            path is not None
+            and str(path).endswith((".pth", ".pt", ".bin", ".safetensors"))
+            and not Path(path).is_file()
+        ):
+            raise ConversionError(f"{path}: no such file")
+    hf_blip2 = blip2 is not None and not Path(blip2).is_file()
+    if blip2 is None and vit is None:
+        raise ConversionError("give the vision side: blip2 (Vicuna variant) or vit (Llama-2 variant)")
+    if hf_blip2 and vit is not None:
+        raise ConversionError(f"{blip2} is a HF Blip2 folder holding its own ViT: drop vit")
+    return hf_blip2
+
+
+def _minigpt4_llm(model: PreTrainedModel, llm: str, prefixes: Mapping[str, str]) -> Tensors:
+    """The Vicuna / Llama-2 folder's tensors under the model's names, checked against it."""
+    llm_tensors, llm_origin = rename(_read_folder(llm, what=f"LLM {llm}"), MINIGPT4_RENAMES, MINIGPT4_IGNORED, prefixes)
+    _tie_lm_head(llm_tensors, model.config.text_config, prefixes)
+    back = lambda n: original_name(n, MINIGPT4_RENAMES, prefixes)  # noqa: E731
+    _check(model, llm_tensors, llm_origin, f"LLM {llm}", (prefixes["text"], prefixes["lm_head"]), back)
+    return llm_tensors
 
 
 def _minigpt4_originals(
@@ -532,19 +541,22 @@ def _minigpt4_originals(
         if f == vit:  # eva_vit_g.pth holds bare EVA names; inside LAVIS models they sit under visual_encoder.
             tensors = {k if k.startswith("visual_encoder.") else "visual_encoder." + k: t for k, t in tensors.items()}
         sources[str(f)] = tensors
-    original = _merge(sources)
+    original, taken_from = _merge(sources)
     deep = re.compile(r"visual_encoder\.blocks\.(\d+)\.")
     too_deep = [n for n in original if (m := deep.match(n)) and int(m[1]) >= vit_layers]
     if too_deep:
         log.info("EVA blocks >= %d unused (MiniGPT-4 builds %d): %d tensors", vit_layers, vit_layers, len(too_deep))
     kept = {k: t for k, t in original.items() if k not in too_deep}
-    return rename(kept, MINIGPT4_RENAMES, MINIGPT4_IGNORED, prefixes)
+    tensors, origin = rename(kept, MINIGPT4_RENAMES, MINIGPT4_IGNORED, prefixes)
+    files_of = [taken_from[name.replace("{q,v}_bias", "q_bias")] for name in origin.values()]
+    log.info("converted tensors per file: %s", ", ".join(f"{files_of.count(f)} from {f}" for f in sources))
+    return tensors, origin
 
 
 def _read_hf_blip2(src: str, origin: dict[str, str]) -> Tensors:
     """ViT + Q-Former + query tokens of a HF Blip2 folder / hub id (already the target names)."""
     wanted = ("vision_model.", "qformer.", "query_tokens")
-    names = [n for n in _Checkpoint(src).weight_map if n.startswith(wanted)]
+    names = [n for n in WeightReader(src).weight_map if n.startswith(wanted)]
     tensors = _read_folder(src, names, "Blip2 ViT + Q-Former")
     origin.update({n: f"{src}:{n}" for n in tensors})
     return tensors
@@ -561,7 +573,7 @@ def _minigpt4_config(
     qformer_heads: int | None,
 ) -> PreTrainedConfig:
     """The target config: vision / Q-Former sub-configs from a Blip2 folder or from tensor shapes."""
-    v = PREFIXES[arch]["vision"]
+    v = architecture_of(arch).conversion_prefixes["vision"]
     if hf_blip2 is not None:
         src = AutoConfig.from_pretrained(hf_blip2)
         if not isinstance(src, Blip2Config):
@@ -629,7 +641,7 @@ def convert_llava(
         raise ConversionError("config.json has no mm_vision_tower: give vision (--vision)")
     if tower_src.startswith((".", "/")) and not Path(tower_src).exists():
         raise ConversionError(f"mm_vision_tower {tower_src!r} is a path that does not exist here: give --vision")
-    vcfg = _vision_config(tower_src)
+    vcfg = vision_config_of(tower_src)
     if raw.get("mm_hidden_size") not in (None, vcfg.hidden_size):
         raise ConversionError(f"mm_hidden_size {raw['mm_hidden_size']} != {tower_src}'s hidden size {vcfg.hidden_size}")
 
@@ -650,11 +662,11 @@ def convert_llava(
     if not tower_inside:
         ignored[r"model\.vision_tower\.vision_tower\..+"] = f"a tower copy LLaVA does not load (it runs {tower_src})"
     original = _read_folder(checkpoint, what=f"LLaVA {checkpoint}")
-    tensors, origin = rename(original, LLAVA_RENAMES, ignored, PREFIXES["llava"])
+    tensors, origin = rename(original, LLAVA_RENAMES, ignored, architecture_of("llava").conversion_prefixes)
     if not tower_inside:
         tower = "model.vision_tower."
         tensors.update(_read_tower(tower_src, [n for n in model.state_dict() if n.startswith(tower)], tower))
-    _tie_lm_head(tensors, text_cfg, PREFIXES["llava"])
+    _tie_lm_head(tensors, text_cfg, architecture_of("llava").conversion_prefixes)
     _check(model, tensors, origin, f"LLaVA {checkpoint}", back=lambda n: original_name(n, LLAVA_RENAMES, {}))
     model = _finish(model, tensors, tok, dtype)
     return _write(model, tok, out, template, max_shard_size, {"checkpoint": checkpoint, "vision": tower_src})
@@ -699,7 +711,7 @@ def _config_json(src: str) -> dict[str, Any]:
 
 def _read_tower(src: str, targets: list[str], prefix: str) -> Tensors:
     """The CLIP tower's tensors from a HF CLIP / CLIPVision folder or hub id, as ``prefix + name``."""
-    ckpt = _Checkpoint(src)
+    ckpt = WeightReader(src)
     names: dict[str, str] = {}
     for target in targets:
         short = target[len(prefix) :]

@@ -1,7 +1,7 @@
 """Which parameters train, as data: a policy is a list of role specs resolved per architecture.
 
 Role specs:
-  ``vision`` ``qformer`` ``projector`` ``llm``   whole parts (see ``ROLE_PREFIXES``)
+  ``vision`` ``qformer`` ``projector`` ``llm``   whole parts (``Architecture.roles``)
   ``vision_blocks[A:B]``                         encoder layers A..B-1 of the vision tower
                                                  (Python slice; ``half`` = num_hidden_layers // 2,
                                                  so ``vision_blocks[half:]`` is the later half)
@@ -12,29 +12,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
 
-ROLES = ("vision", "qformer", "projector", "llm")
-
-# parameter-name prefixes of each role, per model_type
-_LLAVA_LAYOUT = {
-    "vision": ("model.vision_tower.",),
-    "qformer": (),
-    "projector": ("model.multi_modal_projector.",),
-    "llm": ("model.language_model.", "lm_head."),
-}
-ROLE_PREFIXES: dict[str, dict[str, tuple[str, ...]]] = {
-    "blip-2": {
-        "vision": ("vision_model.",),
-        "qformer": ("qformer.", "query_tokens"),
-        "projector": ("language_projection.",),
-        "llm": ("language_model.",),
-    },
-    "llava": _LLAVA_LAYOUT,
-    "minigpt4_patch": _LLAVA_LAYOUT,
-}
+from mmalign.model.architectures import ROLES, architecture_of
 
 POLICIES: dict[str, list[str]] = {
     "projector": ["projector"],
@@ -54,11 +37,8 @@ _BLOCKS = re.compile(r"^vision_blocks\[\s*(-?\w*)\s*:\s*(-?\w*)\s*\]$")
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|blocks)\.(\d+)\.")
 
 
-def _layout(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    model_type = model.config.model_type
-    if model_type not in ROLE_PREFIXES:
-        raise ValueError(f"no freezing layout for model_type {model_type!r}")
-    return ROLE_PREFIXES[model_type]
+def _layout(model: nn.Module) -> Mapping[str, tuple[str, ...]]:
+    return architecture_of(model).roles
 
 
 def role_of(model: nn.Module, name: str) -> str:
@@ -205,4 +185,4 @@ def eval_frozen(model: nn.Module) -> list[str]:
     return done
 
 
-__all__ = ["POLICIES", "ROLES", "ROLE_PREFIXES", "FreezeReport", "apply_freeze", "eval_frozen", "role_of"]
+__all__ = ["POLICIES", "ROLES", "FreezeReport", "apply_freeze", "eval_frozen", "role_of"]

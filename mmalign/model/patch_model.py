@@ -34,6 +34,8 @@ from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import select_hidden_states
 
+from mmalign.model.architectures import grid_side
+
 PATCH_MERGES = ("sequential", "grid")
 
 
@@ -71,7 +73,7 @@ class MiniGPT4PatchConfig(LlavaConfig):
             raise ValueError(f"patch_merge must be one of {PATCH_MERGES}, got {self.patch_merge!r}")
         if isinstance(self.vision_feature_layer, (list, tuple)):
             raise ValueError("minigpt4_patch takes one vision_feature_layer (an int) or None")
-        side = _grid_side(self.vision_config)
+        side = grid_side(self.vision_config)
         n = side * side + (self.vision_feature_select_strategy == "full")  # CLS kept by "full"
         if n % self.merge_tokens:
             raise ValueError(f"{n} vision tokens do not split into groups of {self.merge_tokens}")
@@ -82,14 +84,6 @@ class MiniGPT4PatchConfig(LlavaConfig):
                     f"patch_merge='grid' needs merge_tokens = s*s with s dividing the grid side "
                     f"{side} (and CLS dropped); got merge_tokens={self.merge_tokens}"
                 )
-
-
-def _grid_side(vision_config: PreTrainedConfig) -> int:
-    """Patches per side of the (square) image the tower was configured for."""
-    size, patch = vision_config.image_size, vision_config.patch_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    return size // patch
 
 
 def merge_patches(features: torch.Tensor, merge_tokens: int, mode: str = "sequential") -> torch.Tensor:

@@ -14,6 +14,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -47,58 +48,59 @@ def write_toy_data(out: Path, n_stage1: int = STAGE1_PAIRS, n_stage2: int = STAG
 
 
 def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
-    from mmalign.config import load_config
+    """Data -> stage 1 -> stage 2 -> both exported and evaluated -> report + a sample chat."""
     from mmalign.evaluate.report import write_toy_report
-    from mmalign.evaluate.toy import evaluate_toy
-    from mmalign.model import export, image_processor_for, image_transform_for, load_trainable
-    from mmalign.model.build import load_model, model_from_config
-    from mmalign.train.loop import train
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     data = write_toy_data(out / "data", *((512, 256) if quick else ()))
-    steps = ["train.max_steps=4", "train.save_every=2"] if quick else []
-    cfg1 = load_config(
-        CONFIGS / "toy_stage1.yaml",
-        [f"data.path={data['stage1']}", f"train.output_dir={out / 'stage1'}", *steps, *overrides],
-    )
-    ckpt1 = train(cfg1)
-    cfg2 = load_config(
-        CONFIGS / "toy_stage2.yaml",
-        [
-            f"data.path={data['stage2']}",
-            f"train.output_dir={out / 'stage2'}",
-            f"model.init_trainable={ckpt1}",
-            *steps,
-            *overrides,
-        ],
-    )
-    ckpt2 = train(cfg2)
-
-    results = {}
+    steps = ("train.max_steps=4", "train.save_every=2") if quick else ()
+    cfg1, ckpt1 = train_stage("toy_stage1.yaml", out / "stage1", data["stage1"], (*steps, *overrides))
+    init = (f"model.init_trainable={ckpt1}", *steps, *overrides)
+    cfg2, ckpt2 = train_stage("toy_stage2.yaml", out / "stage2", data["stage2"], init)
     n_scenes = 16 if quick else 200
-    for stage, cfg, ckpt in (("stage1", cfg1, ckpt1), ("stage2", cfg2, ckpt2)):
-        model, tokenizer = model_from_config(cfg.model)
-        load_trainable(model, ckpt, strict=False)
-        folder = out / f"model-{stage}"
-        export(model, tokenizer, folder, image_processor=image_processor_for(model), template=cfg2.data.template)
-        model, tokenizer = load_model(folder)  # evaluate what users get: the exported folder
-        results[stage] = evaluate_toy(
-            model, tokenizer, cfg2.data.template, image_transform_for(model), n_scenes=n_scenes
-        )
-        results[stage].save(out / f"eval-{stage}")
-    report = write_toy_report({k: v.metrics for k, v in results.items()}, out, minutes=(time.time() - t0) / 60)
-    print(report)
+    results = {
+        stage: export_and_evaluate(cfg, ckpt, out / f"model-{stage}", out / f"eval-{stage}", n_scenes)
+        for stage, cfg, ckpt in (("stage1", cfg1, ckpt1), ("stage2", cfg2, ckpt2))
+    }
+    print(write_toy_report(results, out, minutes=(time.time() - t0) / 60))
+    sample_chat(out / "model-stage2")
+    print(f"\nmain job finished in {(time.time() - t0) / 60:.1f} min; model: {out / 'model-stage2'}")
+    return results
 
-    from mmalign.chat.session import ChatSession  # a sample chat answer, as a user would get it
+
+def train_stage(config: str, output_dir: Path, data: Path, overrides: tuple[str, ...]) -> tuple[Any, Path]:
+    """One stage of `configs/`, on the toy data; returns the config it ran and its last checkpoint."""
+    from mmalign.config import load_config, with_recipe_defaults
+    from mmalign.train.loop import train
+
+    cfg = with_recipe_defaults(
+        load_config(CONFIGS / config, [f"data.path={data}", f"train.output_dir={output_dir}", *overrides])
+    )
+    return cfg, train(cfg)
+
+
+def export_and_evaluate(cfg: Any, checkpoint: Path, folder: Path, eval_dir: Path, n_scenes: int) -> dict:
+    """Export a stage as users get it, and evaluate what was exported (the folder, reloaded)."""
+    from mmalign.evaluate.toy import evaluate_toy
+    from mmalign.model import LoadedModel
+    from mmalign.train.export import export_checkpoint
+
+    export_checkpoint(cfg, checkpoint, folder)
+    result = evaluate_toy(LoadedModel.load(folder), n_scenes=n_scenes)
+    result.save(eval_dir)
+    return result.metrics
+
+
+def sample_chat(folder: Path) -> None:
+    """A sample chat answer about a held-out scene, as a user would get it."""
+    from mmalign.chat.session import ChatSession
+    from mmalign.model import LoadedModel
     from mmalign.prompts import MINIGPT4_INSTRUCTIONS
 
-    model, tokenizer = load_model(out / "model-stage2")
+    session = ChatSession(LoadedModel.load(folder))
     scene = tw.make_scene(tw.split_seeds("test", 1).start)
-    session = ChatSession(model, tokenizer, cfg2.data.template, image_transform_for(model))
     session.set_image(tw.render(scene))
     print(f"\nSample chat (held-out scene: {tw.listing(scene)})")
     for q in (MINIGPT4_INSTRUCTIONS[0], "How many objects are there?"):
         print(f"User: {q}\nAssistant: {''.join(session.ask(q))}")
-    print(f"\nmain job finished in {(time.time() - t0) / 60:.1f} min; model: {out / 'model-stage2'}")
-    return {k: v.metrics for k, v in results.items()}

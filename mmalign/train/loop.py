@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from mmalign.config import RunConfig, TrainConfig, to_dict
-from mmalign.data.build import dataset_from_config, sampler_from_config
+from mmalign.config import RunConfig, TrainConfig, recipe_departures, to_dict, with_recipe_defaults
+from mmalign.data.build import check_data, dataset_from_config, sampler_from_config
 from mmalign.data.collate import collate
 from mmalign.data.stream import merge_summaries
 from mmalign.model import (
@@ -37,9 +37,9 @@ from mmalign.model import (
     check_image_tokens,
     image_transform_for,
     load_trainable,
+    model_from_config,
     num_image_tokens,
 )
-from mmalign.model.build import model_from_config
 from mmalign.model.checkpoint import save_tensors
 from mmalign.model.freeze import role_of
 from mmalign.train import distributed as dist_utils
@@ -166,6 +166,9 @@ def _modes(model: torch.nn.Module, frozen: list[torch.nn.Module], checkpointing:
 
 def train(cfg: RunConfig) -> Path:
     """Run one stage; returns the folder of its final checkpoint (trainable tensors)."""
+    for line in recipe_departures(cfg):
+        log.info("%s", line)
+    cfg = with_recipe_defaults(cfg)
     tc = cfg.train
     out = Path(tc.output_dir)
     accelerator, accum = dist_utils.make_accelerator(tc, out)
@@ -191,6 +194,7 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
         model_cfg = dataclasses.replace(cfg.model, device=str(accelerator.device))  # this rank's GPU
     elif engine != "replicated":
         model_cfg = dataclasses.replace(cfg.model, device="cpu")  # FSDP / DeepSpeed place the shards
+    check_data(cfg.data)  # a broken data file stops the run now, not after minutes of model loading
     model, tokenizer = model_from_config(model_cfg)
     if cfg.model.quantization:
         prepare_quantized(model, tc)

@@ -14,7 +14,7 @@ import logging
 from torch import nn
 
 from mmalign.config import TrainConfig
-from mmalign.model.freeze import ROLE_PREFIXES
+from mmalign.model.architectures import architecture_of
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def lora_target_modules(model: nn.Module, target: str = "all-linear") -> list[st
     """Full names of the LLM's Linear layers that get adapters: every one but `lm_head` for
     "all-linear" (LLaVA's `find_all_linear_names`), else those whose last name component is in
     the comma-separated `target` (e.g. "q_proj,v_proj"). Vision tower and projector never."""
-    llm = ROLE_PREFIXES[model.config.model_type]["llm"]
+    llm = architecture_of(model).roles["llm"]
     linears = [
         name
         for name, module in model.named_modules()

@@ -20,7 +20,7 @@ from mmalign.chat import demo as demo_mod
 from mmalign.chat.demo import DemoModel, _Answers, launch, load_demo_model, toy_examples
 from mmalign.chat.session import ChatSession
 from mmalign.cli import main
-from mmalign.model import build_model, image_transform_for
+from mmalign.model import LoadedModel, build_model
 from mmalign.recipes import get_recipe
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -34,12 +34,12 @@ def toy(tmp_path_factory) -> DemoModel:
     torch.manual_seed(0)
     model, tok = build_model(recipe.spec)
     examples = toy_examples(tmp_path_factory.mktemp("examples"))
-    return DemoModel(model, tok, recipe.template, image_transform_for(model), recipe.name, "untrained", examples)
+    return DemoModel(LoadedModel.of(model, tok, recipe.template, name=recipe.name), "untrained", examples)
 
 
 def direct_answer(dm: DemoModel, image: str | None, *questions: str) -> str:
     """The last answer of a fresh ChatSession asked `questions` in turn about `image`."""
-    s = ChatSession(dm.model, dm.tokenizer, dm.template, dm.image_transform)
+    s = ChatSession(dm.loaded)
     if image:
         s.set_image(Image.open(image))
     for q in questions:
@@ -186,7 +186,7 @@ def test_toy_default_without_a_trained_model_warns_and_builds_the_recipe(tmp_pat
     monkeypatch.setattr(demo_mod, "TOY_EXPORT", tmp_path / "absent")
     with caplog.at_level("WARNING"):
         dm = load_demo_model(None, example_dir=tmp_path / "examples")
-    assert dm.name == "toy-minigpt4" and dm.template == "minigpt4_v0"
+    assert dm.loaded.name == "toy-minigpt4" and dm.loaded.template == "minigpt4_v0"
     assert "UNTRAINED" in dm.note and "UNTRAINED" in caplog.text
     assert len(dm.examples) == 4 and all(Image.open(p).size == (48, 48) for p in dm.examples)
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from mmalign.chat.generate import generate_batch, generation_kwargs
-from mmalign.model import build_model, image_transform_for
+from mmalign.model import LoadedModel, build_model, image_transform_for
 from mmalign.prompts import get_template, user_with_image
 
 TEMPLATE = "minigpt4_v0"
@@ -42,10 +42,9 @@ def _items(text_only: bool = True):
 
 def test_batch_size_does_not_change_greedy_answers(tiny):
     model, tok = tiny
-    transform = image_transform_for(model)
     items = _items(text_only=model.config.model_type != "blip-2")  # Blip2 cannot generate without an image
-    one = generate_batch(model, tok, TEMPLATE, items, transform, batch_size=1, max_new_tokens=8)
-    four = generate_batch(model, tok, TEMPLATE, items, transform, batch_size=4, max_new_tokens=8)
+    one = generate_batch(LoadedModel.of(model, tok, TEMPLATE), items, batch_size=1, max_new_tokens=8)
+    four = generate_batch(LoadedModel.of(model, tok, TEMPLATE), items, batch_size=4, max_new_tokens=8)
     assert len(one) == len(four) == len(items)
     assert four == one
     assert any(one) and len(set(one)) > 1  # real, prompt-dependent answers were compared
@@ -65,7 +64,7 @@ def test_answers_stop_at_the_stop_string(tiny, monkeypatch):
         return torch.cat([ids, torch.tensor([tail] * len(ids))], dim=1)
 
     monkeypatch.setattr(model, "generate", scripted)
-    out = generate_batch(model, tok, TEMPLATE, _items()[:2], image_transform_for(model))
+    out = generate_batch(LoadedModel.of(model, tok, TEMPLATE), _items()[:2])
     monkeypatch.setattr(model, "generate", real)
     assert out == ["a red circle", "a red circle"]
 
@@ -82,16 +81,16 @@ def test_greedy_defaults_and_sampling_overrides(tiny):
 
 def test_wrong_image_token_count_raises(tiny):
     model, tok = tiny
-    transform = image_transform_for(model)
+    loaded = LoadedModel.of(model, tok, TEMPLATE)
     red = Image.new("RGB", (32, 32), (200, 20, 20))
     no_marker = [{"role": "user", "content": "What is this?"}]
     with_marker = [{"role": "user", "content": user_with_image(TEMPLATE, "What is this?")}]
     with pytest.raises(ValueError, match="image tokens"):
-        generate_batch(model, tok, TEMPLATE, [(red, no_marker)], transform, max_new_tokens=2)  # image, no tokens
+        generate_batch(loaded, [(red, no_marker)], max_new_tokens=2)  # image, no tokens
     with pytest.raises(ValueError, match="image tokens"):
-        generate_batch(model, tok, TEMPLATE, [(None, with_marker)], transform, max_new_tokens=2)  # tokens, no image
+        generate_batch(loaded, [(None, with_marker)], max_new_tokens=2)  # tokens, no image
     with pytest.raises(ValueError, match="image tokens"):  # one row of a batch is enough
-        generate_batch(model, tok, TEMPLATE, [(red, with_marker), (red, no_marker)], transform, max_new_tokens=2)
+        generate_batch(loaded, [(red, with_marker), (red, no_marker)], max_new_tokens=2)
 
 
 def _rows(model, tok, items, **kw):
@@ -115,21 +114,21 @@ def test_rows_in_one_batch_answer_as_they_do_alone(tiny):
     alone = []
     for i, row in enumerate(_rows(model, tok, items)):
         row.max_new_tokens = 3 + i
-        generate_rows(model, tok, TEMPLATE, [row])
+        generate_rows(LoadedModel.of(model, tok, TEMPLATE), [row])
         alone.append(row)
     streamed: dict[int, list[str]] = {i: [] for i in range(len(items))}
     rows = _rows(model, tok, items)
     for i, row in enumerate(rows):
         row.max_new_tokens = 3 + i
         row.on_text = streamed[i].append
-    generate_rows(model, tok, TEMPLATE, rows)
+    generate_rows(LoadedModel.of(model, tok, TEMPLATE), rows)
     assert [r.token_ids for r in rows] == [r.token_ids for r in alone]
     assert [r.text for r in rows] == [r.text for r in alone]
     assert all("".join(streamed[i]) == r.text for i, r in enumerate(rows))
     assert [len(r.token_ids) for r in rows] == [3 + i for i in range(len(rows))]  # each its own budget
     assert all(r.finish_reason == "length" for r in rows)
     # the same answers as generate_batch gives (stripped of the row budget's cut)
-    want = generate_batch(model, tok, TEMPLATE, items, image_transform_for(model), max_new_tokens=3)
+    want = generate_batch(LoadedModel.of(model, tok, TEMPLATE), items, max_new_tokens=3)
     assert [r.text.strip() for r in _run(model, tok, items, max_new_tokens=3)] == want
 
 
@@ -137,7 +136,7 @@ def _run(model, tok, items, **kw):
     from mmalign.chat.generate import generate_rows
 
     rows = _rows(model, tok, items, **kw)
-    generate_rows(model, tok, TEMPLATE, rows)
+    generate_rows(LoadedModel.of(model, tok, TEMPLATE), rows)
     return rows
 
 
@@ -153,6 +152,6 @@ def test_row_stop_strings_and_cancel(tiny):
     rows[1].cancelled.set()
     from mmalign.chat.generate import generate_rows
 
-    generate_rows(model, tok, TEMPLATE, rows)
+    generate_rows(LoadedModel.of(model, tok, TEMPLATE), rows)
     assert rows[0].text == text[: text.index(stop)] and rows[0].finish_reason == "stop"
     assert rows[1].finish_reason == "cancelled" and len(rows[1].token_ids) == 1

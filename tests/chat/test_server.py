@@ -24,7 +24,10 @@ uvicorn = pytest.importorskip("uvicorn")
 from mmalign.chat.images import ImagePolicy  # noqa: E402
 from mmalign.chat.server import create_app  # noqa: E402
 from mmalign.chat.session import ChatSession  # noqa: E402
-from mmalign.model import build_model, image_transform_for  # noqa: E402
+from mmalign.model import (  # noqa: E402
+    LoadedModel,  # noqa: E402
+    build_model,
+)
 from mmalign.recipes import get_recipe  # noqa: E402
 
 TEMPLATE = "minigpt4_v0"
@@ -92,10 +95,7 @@ def toy():
 def server(toy):
     model, tok = toy
     app = create_app(
-        model,
-        tok,
-        TEMPLATE,
-        image_transform_for(model),
+        LoadedModel.of(model, tok, TEMPLATE),
         model_name="toy",
         max_batch_size=16,
         batch_wait_s=0.1,
@@ -127,7 +127,7 @@ def test_answer_is_the_chat_engines_greedy_answer(server, toy):
     model, tok = toy
     out = ask(server, [user("What is this?", colour((200, 20, 20)))], max_tokens=12)
     (choice,) = out.choices
-    session = ChatSession(model, tok, TEMPLATE, image_transform_for(model))
+    session = ChatSession(LoadedModel.of(model, tok, TEMPLATE))
     session.set_image(colour((200, 20, 20)))
     want = "".join(session.ask("What is this?", max_new_tokens=12)).strip()
     assert choice.message.content.strip() == want and want

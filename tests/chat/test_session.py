@@ -11,7 +11,7 @@ from PIL import Image
 import mmalign.chat.session as session_mod
 from mmalign.chat.generate import generate_batch
 from mmalign.chat.session import ChatSession
-from mmalign.model import build_model, image_transform_for, num_image_tokens
+from mmalign.model import LoadedModel, build_model, num_image_tokens
 from mmalign.prompts import cut_at_stop, encode_user_turn, get_template, stop_prefix_len, user_with_image
 from mmalign.recipes import get_recipe
 
@@ -28,7 +28,7 @@ def tiny(tiny_spec):
 @pytest.fixture
 def session(tiny):
     model, tok = tiny
-    return ChatSession(model, tok, TEMPLATE, image_transform_for(model))
+    return ChatSession(LoadedModel.of(model, tok, TEMPLATE))
 
 
 @pytest.fixture
@@ -62,14 +62,11 @@ def test_stream_joins_to_the_recorded_answer_and_matches_batch_generation(sessio
     assert "".join(pieces).strip() == answer
     assert all(pieces) and "###" not in "".join(pieces)
     (call,) = calls
+    model = session.model
     # the same greedy answer as batch generation from the same prompt
-    model, tok = session.model, session.tokenizer
     want = generate_batch(
-        model,
-        tok,
-        TEMPLATE,
+        session.loaded,
         [(session.image, session.turns[:1])],
-        session.image_transform,
         system=session.system,
         max_new_tokens=12,
     )
@@ -130,7 +127,7 @@ def test_empty_message_raises(session, text):
 
 def test_over_long_conversation_raises_and_keeps_the_turns(tiny):
     model, tok = tiny
-    s = ChatSession(model, tok, TEMPLATE, image_transform_for(model), max_context=10)
+    s = ChatSession(LoadedModel.of(model, tok, TEMPLATE), max_context=10)
     s.set_image(red())
     with pytest.raises(ValueError, match="max_context"):
         list(s.ask("Describe this image in detail."))
@@ -143,7 +140,7 @@ def test_max_context_leaves_room_for_the_answer(tiny):
     prompt = encode_user_turn(
         tok, t, user_with_image(t, "Hi."), num_image_tokens(model.config), first=True, system=t.system
     )
-    s = ChatSession(model, tok, TEMPLATE, image_transform_for(model), max_context=len(prompt) + 4)
+    s = ChatSession(LoadedModel.of(model, tok, TEMPLATE), max_context=len(prompt) + 4)
     s.set_image(red())
     with pytest.raises(ValueError, match="max_new_tokens=5, over max_context"):  # the prompt alone fits
         list(s.ask("Hi.", max_new_tokens=5))
@@ -166,7 +163,7 @@ def test_an_abandoned_stream_stops_generating(tiny):
 
     hook = model.get_output_embeddings().register_forward_hook(endless)
     try:
-        s = ChatSession(model, tok, TEMPLATE, image_transform_for(model), max_context=10_000)
+        s = ChatSession(LoadedModel.of(model, tok, TEMPLATE), max_context=10_000)
         s.set_image(red())
         answer = s.ask("Describe it.", max_new_tokens=400)
         assert next(answer).strip()
@@ -245,13 +242,9 @@ def test_beam_search_answers_in_one_piece(session):
     assert "error" not in out, out.get("error")
     assert len(out["pieces"]) <= 1
     assert "".join(out["pieces"]).strip() == session.turns[-1]["content"]
-    model, tok = session.model, session.tokenizer
     want = generate_batch(
-        model,
-        tok,
-        TEMPLATE,
+        session.loaded,
         [(session.image, session.turns[:1])],
-        session.image_transform,
         system=session.system,
         num_beams=2,
         max_new_tokens=5,
@@ -309,8 +302,8 @@ def test_kv_reuse_gives_the_same_greedy_answers_as_re_encoding(tiny_spec, arch):
     torch.manual_seed(0)
     model, tok = build_model(get_recipe(arch).spec if arch.startswith("toy") else tiny_spec(arch))
     blue = Image.new("RGB", (30, 40), (20, 20, 200))
-    reuse = ChatSession(model, tok, TEMPLATE, image_transform_for(model))
-    fresh = ChatSession(model, tok, TEMPLATE, image_transform_for(model), kv_reuse=False)
+    reuse = ChatSession(LoadedModel.of(model, tok, TEMPLATE))
+    fresh = ChatSession(LoadedModel.of(model, tok, TEMPLATE), kv_reuse=False)
     images = {0: red(), 2: blue}  # a second image mid-conversation
     got, want = _chat(reuse, images), _chat(fresh, images)
     assert got == want and reuse.turns == fresh.turns and reuse.ids == fresh.ids

@@ -2,6 +2,8 @@
 
 import io
 import json
+import logging
+import os
 from collections import Counter
 
 import pytest
@@ -11,8 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mmalign.config import load_config
-from mmalign.data import MixedStream, MultimodalDataset, ShardStream, collate
-from mmalign.data.build import dataset_from_config
+from mmalign.data import DataError, MixedStream, MultimodalDataset, ShardStream, collate
+from mmalign.data.build import check_data, dataset_from_config
 
 N = 4
 
@@ -155,3 +157,86 @@ def test_group_by_length_sampler(data_dir, tiny_tokenizer):
     assert [{ds.lengths[i] > 0 for i in list(s)[k : k + 2]} for k in (0, 2)] in ([{True}, {False}], [{False}, {True}])
     cfg.data.group_by_length = False
     assert sampler_from_config(cfg.data, ds, 2) is None
+
+
+def test_check_data_names_bad_json_in_every_source(data_dir):
+    """check_data reads what training reads, with no tokenizer: bad JSON anywhere in data.sources
+    is a DataError naming file, line and column; dataset_from_config raises the same."""
+    bad = data_dir / "broken.json"
+    bad.write_text('[\n  {"image": "coco/1.jpg", "caption": "one"}\n  {"image": "coco/1.jpg", "caption": "two"}\n]')
+    lines = ["sources:", f"  - {{path: {data_dir}/shards}}", f"  - {{path: {bad}}}"]
+    cfg = load_config(write_yaml(data_dir / "mix.yaml", lines))
+    with pytest.raises(DataError, match=rf"^{bad}:3:3: invalid JSON: Expecting ',' delimiter"):
+        check_data(cfg.data)
+    with pytest.raises(DataError, match=rf"^{bad}:3:3: invalid JSON"):
+        dataset_from_config(cfg.data, None, N, to_tensor, batch_size=2, rank=0, world=1)
+
+
+def test_check_data_reads_records_as_the_loader_does(data_dir, caplog):
+    cfg = load_config(write_yaml(data_dir / "c.yaml", ["caption_format: plain", f"path: {data_dir}/llava.json"]))
+    with caplog.at_level(logging.INFO, logger="mmalign.data"):
+        check_data(cfg.data)  # ShareGPT4V-PT form read as captions: 2 text-only records dropped
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert "llava.json: 2 records, 2 to be skipped {'text-only record in caption data': 2}" in log
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # each skip is the loader's to name
+    (data_dir / "text.json").write_text(json.dumps([json.loads((data_dir / "llava.json").read_text())[1]]))
+    cfg.data.path = str(data_dir / "text.json")
+    with pytest.raises(DataError, match=r"text\.json: no usable records \(\{'text-only record in caption data': 1\}\)"):
+        check_data(cfg.data)
+
+
+def test_check_data_finds_the_shards(data_dir, caplog):
+    cfg = load_config(write_yaml(data_dir / "c.yaml", [f"path: '{data_dir}/shards/{{00000..00002}}.tar'"]))
+    with caplog.at_level(logging.WARNING):
+        check_data(cfg.data)  # 00002.tar is missing: warned about, counted by the stream
+    assert "1 of 3 shards do not exist, e.g. " + str(data_dir / "shards/00002.tar") in caplog.text
+    cfg.data.path = f"{data_dir}/shards/{{00005..00009}}.tar"
+    with pytest.raises(DataError, match=r"none of its 5 shard\(s\) exists"):
+        check_data(cfg.data)
+    cfg.data.path = str(data_dir / "nowhere")
+    with pytest.raises(DataError, match="nowhere: no such file"):
+        check_data(cfg.data)
+
+
+def test_train_names_bad_json_before_any_model_loads(data_dir, tmp_path):
+    """`mmalign train` checks the data first: the model path does not even exist, and the error
+    is the data file's, as one CLI line, not a traceback after minutes of model loading."""
+    from mmalign.cli import main
+
+    bad = data_dir / "caps.json"
+    bad.write_text('[\n  {"image": "coco/1.jpg", "caption": "one",}\n]')
+    config = tmp_path / "stage1.yaml"
+    config.write_text(
+        f"model: {{path: {tmp_path}/no-such-model}}\ndata: {{path: {bad}}}\ntrain: {{output_dir: {tmp_path}/run}}\n"
+    )
+    with pytest.raises(SystemExit) as err:
+        main(["train", str(config)])
+    assert (
+        err.value.code
+        == f"mmalign train: error: {bad}:2:44: invalid JSON: Expecting property name enclosed in double quotes"
+    )
+
+
+def test_a_checked_file_is_read_once(data_dir, tiny_tokenizer, caplog):
+    """dataset_from_config takes check_data's records when the file is unchanged (a large JSON
+    is read once per run), names the skips once, and reads a changed file again."""
+    path = data_dir / "caps.json"
+
+    def write(caption):  # same size every time; the modification time is kept
+        path.write_text(json.dumps([{"image": "coco/1.jpg", "caption": caption}, {"image": "coco/1.jpg"}]))
+        os.utime(path, ns=(0, 0))
+
+    write("one")
+    cfg = load_config(write_yaml(data_dir / "c.yaml", [f"path: {path}"]))
+    check_data(cfg.data)
+    write("two")  # unchanged to os.stat: check_data's read is used
+    with caplog.at_level(logging.WARNING):
+        ds = dataset_from_config(cfg.data, tiny_tokenizer, N, to_tensor)
+    assert [r.caption for r in ds.records] == ["one"] and ds.skipped["counts"] == {"missing caption": 1}
+    assert caplog.text.count("missing caption") == 1
+    ds = dataset_from_config(cfg.data, tiny_tokenizer, N, to_tensor)  # taken once: read again
+    assert [r.caption for r in ds.records] == ["two"] and ds.skipped["counts"] == {"missing caption": 1}
+    check_data(cfg.data)
+    write("six")
+    os.utime(path, ns=(1, 1))  # changed to os.stat: read again
+    assert [r.caption for r in dataset_from_config(cfg.data, tiny_tokenizer, N, to_tensor).records] == ["six"]

@@ -1,6 +1,7 @@
 import json
 import logging
 import pickle
+import re
 
 import pytest
 import torch
@@ -9,11 +10,13 @@ from PIL import Image
 from mmalign.data import (
     CaptionRecord,
     ConversationRecord,
+    DataError,
     MultimodalDataset,
     SkipCounter,
     collate,
     make_caption_encoder,
     make_conversation_encoder,
+    merge_summaries,
     read_caption_json,
     read_llava_json,
 )
@@ -247,3 +250,80 @@ def test_skip_counter_keeps_a_named_log(tmp_path):
     s = c.summary()
     assert s["counts"] == {"corrupt image": 1} and s["truncated"] == 1 and s["log"].endswith("skips.jsonl")
     assert "000030007" in (tmp_path / "run/skips.jsonl").read_text()
+
+
+# (layout, text, where json stops): a caption list, cc_sbu_align's filter_cap.json, LLaVA JSON
+BROKEN_JSON = {
+    "caption list": ('[\n  {"image": "a.jpg", "caption": "one"},\n  {"image": "b.jpg" "caption": "two"}\n]\n', "3:21"),
+    "cc_sbu_align": (
+        '{"annotations": [\n  {"image_id": "2", "caption": "The image shows a dog."},\n'
+        '  {"image_id": "3", "caption": "A cat.\n  }\n]}\n',
+        "3:39",
+    ),
+    "llava": (
+        '[\n  {"id": "1", "image": "a.jpg", "conversations": [\n    {"from": "human", "value": "<image>\\nHi"},\n'
+        '    {"from": "gpt", "value": "Hello."},\n  ]}\n]\n',
+        "5:3",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(BROKEN_JSON))
+def test_malformed_json_names_file_line_and_column(tmp_path, layout):
+    text, place = BROKEN_JSON[layout]
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    read = read_llava_json if layout == "llava" else read_caption_json
+    with pytest.raises(DataError, match=rf"^{path}:{place}: invalid JSON: "):
+        read(path)
+
+
+def test_non_utf8_json_names_file_line_and_column(tmp_path):
+    path = tmp_path / "caps.json"
+    path.write_bytes(b'[\n{"image": "a.jpg", "caption": "caf\xe9"}]')
+    with pytest.raises(DataError, match=rf"^{path}:2:35: not UTF-8 text \(byte 0xe9\)"):
+        read_caption_json(path)
+
+
+def test_wrong_top_level_is_named(tmp_path):
+    path = tmp_path / "caps.json"
+    path.write_text(json.dumps({"annotations": {"image_id": "1", "caption": "x"}}))
+    with pytest.raises(DataError, match=rf"^{path}: 'annotations' is an object, expected a list"):
+        read_caption_json(path)
+    path.write_text(json.dumps({"id": "1"}))
+    with pytest.raises(DataError, match=rf"^{path}: expected a JSON list of conversations, got an object"):
+        read_llava_json(path)
+
+
+def test_a_record_without_caption_is_missing_not_empty(tmp_path):
+    path = tmp_path / "filter_cap.json"
+    ann = [{"image_id": "1", "caption": "A dog."}, {"image_id": "2"}, {"image_id": "3", "caption": ""}]
+    ann.append({"image_id": "4", "caption": ["not", "text"]})
+    path.write_text(json.dumps({"annotations": ann}))
+    skips = SkipCounter()
+    assert [r.caption for r in read_caption_json(path, skips=skips)] == ["A dog."]
+    assert skips.counts == {"missing caption": 1, "empty caption": 1, "malformed record": 1}
+    assert skips.examples["missing caption"] == [f"{path}#1 (image_id=2)"]
+    assert "'caption' is a list" in skips.events()[-1]["detail"]
+
+
+def test_truncated_samples_are_named_and_logged(tmp_path, tiny_tokenizer, caplog):
+    """Truncation keeps the sample (as the originals do) but is never silent: a warning with the
+    record's name for the first few, one line saying the rest are only counted, names in the summary."""
+    save_jpeg(tmp_path / "a.jpg")
+    long = "a long caption with many words in it " * 3
+    recs = [CaptionRecord(tmp_path / "a.jpg", long, key=f"caps.json#{i}") for i in range(4)]
+    recs.append(CaptionRecord(tmp_path / "a.jpg", "a dog", key="caps.json#4"))
+    skips = SkipCounter(max_examples=2)
+    ds = MultimodalDataset(recs, make_caption_encoder(tiny_tokenizer, N, max_length=N + 20), to_tensor, skips=skips)
+    with caplog.at_level(logging.WARNING):
+        assert all(ds[i] is not None for i in range(5))
+    lines = warnings_text(caplog).splitlines()
+    assert len(lines) == 3, lines
+    assert all(
+        re.fullmatch(rf"truncated caps\.json#{i}: \d+ answer token\(s\) past max_length cut", lines[i]) for i in (0, 1)
+    )
+    assert "more samples truncated" in lines[2] and str(skips.path) in lines[2]
+    s = ds.skipped
+    assert s["truncated"] == 4 and s["truncated_examples"] == ["caps.json#0", "caps.json#1"] and s["total"] == 0
+    assert merge_summaries([s, s])["truncated_examples"] == ["caps.json#0", "caps.json#1"] * 2

@@ -1,11 +1,13 @@
 """Streams: img2dataset-layout shards over ranks x DataLoader workers, bad samples counted and
 named, exact resume, ratio mixing."""
 
+import gzip
 import io
 import json
 import logging
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +291,43 @@ def test_missing_shard_is_named_not_fatal(shards, tiny_tokenizer):
     keys = [key_of(s, tiny_tokenizer) for s in ds if s is not None]
     assert sorted(keys) == sorted(k for k in good if k.startswith("00000"))
     assert ds.skipped["counts"] == {"unreadable tar": 1} and "00404.tar" in ds.skipped["examples"]["unreadable tar"][0]
+
+
+def write_shard(path, samples):
+    with wds.TarWriter(str(path)) as sink:
+        for s in samples:
+            sink.write(s)
+
+
+def test_a_file_that_is_not_a_tar_is_not_called_truncated(tmp_path, tiny_tokenizer):
+    """An HTML error page or an empty file saved as .tar is "not a tar file"; a shard cut short
+    (here a .tar.gz whose gzip stream ends early, read through webdataset) is "truncated tar"."""
+    write_shard(tmp_path / "good.tar", [{"__key__": "k0", "jpg": jpeg(0), "txt": "a photo k0"}])
+    (tmp_path / "page.tar").write_text("<html><body>404 Not Found</body></html>\n" * 30)
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "fake.tar.gz").write_bytes(gzip.compress(b"<html>not a tar</html>" * 40))
+    (tmp_path / "cut.tar.gz").write_bytes(gzip.compress((tmp_path / "good.tar").read_bytes())[:-40])
+    urls = [str(tmp_path / n) for n in ("good.tar", "page.tar", "empty.tar", "fake.tar.gz", "cut.tar.gz")]
+    enc = make_caption_encoder(tiny_tokenizer, N, fmt="plain", clean=False)
+    ds = ShardStream(urls, enc, to_tensor, rank=0, world=1, shuffle_buffer=0)
+    assert sum(s is not None for s in ds) == 1
+    shards = [e for e in ds.skips.events() if ":" not in Path(e["where"]).name]  # not the cut shard's samples
+    reasons = {Path(e["where"]).name: e["reason"] for e in shards}
+    assert reasons == {
+        "page.tar": "not a tar file",
+        "empty.tar": "not a tar file",
+        "fake.tar.gz": "not a tar file",
+        "cut.tar.gz": "truncated tar",
+    }
+
+
+def test_shard_image_errors_name_the_shard_member(tmp_path, tiny_tokenizer, caplog):
+    """PIL names an in-memory image `<_io.BytesIO object at 0x...>`: the message names shard:key.ext."""
+    shard = tmp_path / "00000.tar"
+    write_shard(shard, [{"__key__": "000000007", "jpg": b"these bytes are no JPEG", "txt": "a photo"}])
+    enc = make_caption_encoder(tiny_tokenizer, N, fmt="plain", clean=False)
+    with caplog.at_level(logging.WARNING):
+        assert list(ShardStream(str(shard), enc, to_tensor, rank=0, world=1)) == [None]
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"{shard}:000000007: corrupt image" in log and f"{shard}:000000007.jpg" in log
+    assert "BytesIO" not in log

@@ -15,7 +15,7 @@ from PIL import Image
 
 from mmalign.evaluate import lmms_adapter, runner
 from mmalign.evaluate.lmms_adapter import MMAlignLMMS
-from mmalign.model import image_transform_for
+from mmalign.model import LoadedModel, image_transform_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,15 +62,22 @@ def test_generate_until_matches_the_runner_and_keeps_order(adapter, tiny_model):
     model, tok = tiny_model
     reqs = [gen_request(0, max_new_tokens=6), gen_request(1, max_new_tokens=4), gen_request(2, max_new_tokens=6)]
     out = adapter.generate_until(reqs)
-    tf = image_transform_for(model)
     expect = [
         runner.generate(
-            model, tok, "minigpt4_v0", [(DOCS[0]["image"], DOCS[0]["q"])], tf, batch_size=1, max_new_tokens=6
+            LoadedModel.of(model, tok, "minigpt4_v0"),
+            [(DOCS[0]["image"], DOCS[0]["q"])],
+            batch_size=1,
+            max_new_tokens=6,
         )[0],
         runner.generate(
-            model, tok, "minigpt4_v0", [(DOCS[1]["image"], DOCS[1]["q"])], tf, batch_size=1, max_new_tokens=4
+            LoadedModel.of(model, tok, "minigpt4_v0"),
+            [(DOCS[1]["image"], DOCS[1]["q"])],
+            batch_size=1,
+            max_new_tokens=4,
         )[0],
-        runner.generate(model, tok, "minigpt4_v0", [(None, DOCS[2]["q"])], tf, batch_size=1, max_new_tokens=6)[0],
+        runner.generate(
+            LoadedModel.of(model, tok, "minigpt4_v0"), [(None, DOCS[2]["q"])], batch_size=1, max_new_tokens=6
+        )[0],
     ]
     assert out == [e.split("\n\n")[0].strip() for e in expect]
     assert len(set(out)) > 1
@@ -78,7 +85,7 @@ def test_generate_until_matches_the_runner_and_keeps_order(adapter, tiny_model):
 
 def test_generate_until_cuts_at_until_and_refuses_sampling(adapter, monkeypatch):
     answers = {DOCS[0]["q"]: "yes\n\nand more", "q": "no. STOP here"}  # one answer per question asked
-    monkeypatch.setattr(runner, "generate", lambda *a, **k: [answers[q] for _, q in a[3]])
+    monkeypatch.setattr(runner, "generate", lambda *a, **k: [answers[q] for _, q in a[1]])
     reqs = [
         gen_request(0),
         FakeInstance("generate_until", ("<image>\nq", {"until": "STOP"}, doc_to_visual, 1, "fake", "test")),

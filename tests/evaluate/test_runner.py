@@ -10,7 +10,7 @@ from mmalign.evaluate import runner
 from mmalign.evaluate.runner import Sample, get_task, parse_models, read_predictions, run_task
 from mmalign.evaluate.toy import TASK as TOY
 from mmalign.evaluate.toy import toy_samples
-from mmalign.model import image_transform_for
+from mmalign.model import LoadedModel
 
 TEMPLATE = "minigpt4_v0"
 
@@ -24,9 +24,8 @@ def test_batched_predictions_equal_batch_size_one(tiny_model, tmp_path):
     samples = small_toy(3)
     kinds = {s.max_new_tokens for s in samples}
     assert kinds == {8, 120} and len(samples) > 20  # short answers and long descriptions, several batches
-    tf = image_transform_for(model)
-    one = run_task(TOY, samples, tmp_path / "b1", model, tok, TEMPLATE, tf, batch_size=1, progress=False)
-    many = run_task(TOY, samples, tmp_path / "b7", model, tok, TEMPLATE, tf, batch_size=7, progress=False)
+    one = run_task(TOY, samples, tmp_path / "b1", LoadedModel.of(model, tok, TEMPLATE), batch_size=1, progress=False)
+    many = run_task(TOY, samples, tmp_path / "b7", LoadedModel.of(model, tok, TEMPLATE), batch_size=7, progress=False)
     preds = lambda r: [x["prediction"] for x in r.records]  # noqa: E731
     assert preds(one) == preds(many)
     assert len(set(preds(one))) > 1  # real, prompt-dependent answers were compared
@@ -36,29 +35,30 @@ def test_batched_predictions_equal_batch_size_one(tiny_model, tmp_path):
 
 def test_interrupted_run_resumes_to_the_same_report(tiny_model, tmp_path, monkeypatch):
     model, tok = tiny_model
-    tf = image_transform_for(model)
     samples = small_toy(2)
-    full = run_task(TOY, samples, tmp_path / "full", model, tok, TEMPLATE, tf, batch_size=4, progress=False)
+    full = run_task(TOY, samples, tmp_path / "full", LoadedModel.of(model, tok, TEMPLATE), batch_size=4, progress=False)
 
     real, calls = runner.generate, []
 
     def dies_on_third_batch(*args, **kwargs):
-        calls.append(len(args[3]))
+        calls.append(len(args[1]))
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runner, "generate", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        run_task(TOY, samples, tmp_path / "cut", model, tok, TEMPLATE, tf, batch_size=4, progress=False)
+        run_task(TOY, samples, tmp_path / "cut", LoadedModel.of(model, tok, TEMPLATE), batch_size=4, progress=False)
     saved = (tmp_path / "cut" / "predictions.jsonl").read_text().splitlines()
     assert len(saved) == 8  # two batches of 4 made it to disk
     with open(tmp_path / "cut" / "predictions.jsonl", "a") as f:
         f.write('{"id": "qa/30000000/0", "predic')  # killed mid-line: ignored, answered again
 
-    monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     calls.clear()
-    resumed = run_task(TOY, samples, tmp_path / "cut", model, tok, TEMPLATE, tf, batch_size=4, progress=False)
+    resumed = run_task(
+        TOY, samples, tmp_path / "cut", LoadedModel.of(model, tok, TEMPLATE), batch_size=4, progress=False
+    )
     assert sum(calls) == len(samples) - 8  # only the missing samples were generated
     assert resumed.metrics == full.metrics
     assert len(read_predictions(tmp_path / "cut" / "predictions.jsonl")) == len(samples)  # all readable on disk
@@ -75,9 +75,7 @@ def test_interrupted_run_resumes_to_the_same_report(tiny_model, tmp_path, monkey
 def test_rescore_without_model_and_prompt_mismatch(tiny_model, tmp_path):
     model, tok = tiny_model
     samples = small_toy(1)
-    first = run_task(
-        TOY, samples, tmp_path, model, tok, TEMPLATE, image_transform_for(model), batch_size=8, progress=False
-    )
+    first = run_task(TOY, samples, tmp_path, LoadedModel.of(model, tok, TEMPLATE), batch_size=8, progress=False)
     again = run_task(TOY, samples, tmp_path)  # no model: score what is saved
     assert again.metrics == first.metrics
     other = [Sample(s.id, s.prompt + " Be brief.", s.image, s.truth, s.max_new_tokens) for s in samples]
@@ -99,7 +97,7 @@ def test_missing_image_is_counted_and_skipped(tiny_model, tmp_path):
             4,
         ),
     ]
-    res = run_task(pope, samples, tmp_path, model, tok, TEMPLATE, image_transform_for(model), progress=False)
+    res = run_task(pope, samples, tmp_path, LoadedModel.of(model, tok, TEMPLATE), progress=False)
     assert res.metrics["skipped_images"] == 1 and res.metrics["n_answered"] == 1
     assert list(read_predictions(tmp_path / "predictions.jsonl")) == ["random/1"]
 

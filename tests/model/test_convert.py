@@ -10,7 +10,9 @@ run it: HF Llama on the original LLM tensors, with the image features spliced in
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -30,11 +32,11 @@ from transformers import (
 )
 
 from mmalign.model import MiniGPT4PatchForConditionalGeneration, load_model, num_image_tokens, template_of
+from mmalign.model.architectures import ARCHITECTURES
 from mmalign.model.convert import (
     LLAVA_RENAMES,
     MINIGPT4_IGNORED,
     MINIGPT4_RENAMES,
-    PREFIXES,
     ConversionError,
     convert_llava,
     convert_minigpt4,
@@ -347,6 +349,11 @@ MINIGPT4_BAD = {  # file, edit of its tensors, the error expected
         lambda m: m.update({"llama_proj.weight": torch.zeros(LLM_WIDTH, 7)}),
         r"llama_proj\.weight: \[48, 7\], the model needs \[48, 24\]",
     ),
+    "ViT in both files, shapes differ": (
+        BLIP2,
+        lambda m: m.update({"visual_encoder.cls_token": torch.zeros(1, 1, 7)}),
+        r"visual_encoder\.cls_token is given twice with different shapes: \[1, 1, 32\] by .*eva_vit_g\.pth",
+    ),
     "projection for another LLM": (
         PROJ,
         lambda m: m.update({"llama_proj.weight": torch.zeros(64, 24), "llama_proj.bias": torch.zeros(64)}),
@@ -389,15 +396,74 @@ def test_minigpt4_needs_the_vit_and_pickle_consent(originals, tmp_path):
         convert_minigpt4(tmp_path / "p.pth", str(originals / "vicuna"), tmp_path / "o", vit=originals / "eva_vit_g.pth")
 
 
+def test_minigpt4_blip2_file_with_its_own_vit_wins_over_vit_and_its_llm_is_ignored(originals, tmp_path, caplog):
+    """A LAVIS BLIP-2 file may hold the ViT (39 blocks) and BLIP-2's own LLM next to the Q-Former.
+    MiniGPT-4 loads eva_vit_g.pth, then the BLIP-2 file over it: the BLIP-2 file's ViT is used."""
+    blip2 = blip2_tensors()
+    vit_in_blip2 = {
+        "visual_encoder." + n: t for n, t in eva_tensors(seed=11).items() if not n.startswith(f"blocks.{KEEP}.")
+    }
+    blip2.update(vit_in_blip2)
+    blip2["t5_model.shared.weight"], blip2["opt_model.lm_head.weight"] = torch.zeros(30, 8), torch.zeros(30, 8)
+    torch.save({"model": blip2}, tmp_path / BLIP2)
+    with caplog.at_level(logging.INFO, logger="mmalign.model.convert"):
+        out = convert_minigpt4(
+            originals / PROJ,
+            str(originals / "vicuna"),
+            tmp_path / "m",
+            blip2=tmp_path / BLIP2,
+            vit=originals / VIT,
+            vit_layers=KEEP,
+            vit_heads=EVA["heads"],
+            qformer_heads=QF["heads"],
+        )
+    model, _ = load_model(str(out))
+    vision = model.vision_model.state_dict()
+    assert torch.equal(vision["embeddings.class_embedding"], vit_in_blip2["visual_encoder.cls_token"])
+    b = "visual_encoder.blocks.1.attn."
+    assert torch.equal(vision["encoder.layers.1.self_attn.qkv.weight"], vit_in_blip2[b + "qkv.weight"])
+    assert torch.equal(vision["encoder.layers.1.self_attn.qkv.bias"][-EVA["width"] :], vit_in_blip2[b + "v_bias"])
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    n_vit = len(vit_in_blip2)
+    assert re.search(rf"{n_vit} tensors are in both \S*{VIT} and \S*{BLIP2}: taken from the latter", log), log
+    assert re.search(rf"converted tensors per file: 0 from \S*{VIT}, \d+ from \S*{BLIP2}, 2 from \S*{PROJ}", log)
+    assert "BLIP-2's own language model" in log and "2 tensors" in log
+
+
+def test_minigpt4_projection_checkpoint_wins_over_the_blip2_file(originals, tmp_path):
+    """MiniGPT-4 loads its own checkpoint last (strict=False): a Q-Former tensor in it is used."""
+    proj = torch.load(originals / PROJ)
+    query = rnd(1, QF["queries"], QF["width"])
+    proj["model"]["query_tokens"] = query
+    torch.save(proj, tmp_path / PROJ)
+    out = convert_minigpt4(
+        tmp_path / PROJ,
+        str(originals / "vicuna"),
+        tmp_path / "m",
+        blip2=originals / BLIP2,
+        vit=originals / VIT,
+        vit_layers=KEEP,
+        vit_heads=EVA["heads"],
+        qformer_heads=QF["heads"],
+    )
+    model, _ = load_model(str(out))
+    assert torch.equal(model.query_tokens, query)
+
+
 def test_rename_tables_are_two_way():
     """Every rule maps back: a missing target tensor is reported under its original name."""
     names = ["visual_encoder." + n for n in eva_tensors()] + list(blip2_tensors())
     names += ["llama_proj.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
     for arch in ("blip-2", "minigpt4_patch"):
-        _, origin = rename(dict.fromkeys(names, torch.zeros(1)), MINIGPT4_RENAMES, MINIGPT4_IGNORED, PREFIXES[arch])
+        _, origin = rename(
+            dict.fromkeys(names, torch.zeros(1)),
+            MINIGPT4_RENAMES,
+            MINIGPT4_IGNORED,
+            ARCHITECTURES[arch].conversion_prefixes,
+        )
         assert len(origin) > 50
         for target, orig in origin.items():
-            assert original_name(target, MINIGPT4_RENAMES, PREFIXES[arch]) == orig
+            assert original_name(target, MINIGPT4_RENAMES, ARCHITECTURES[arch].conversion_prefixes) == orig
     assert original_name("model.multi_modal_projector.linear_2.bias", LLAVA_RENAMES, {}) == "model.mm_projector.2.bias"
 
 

@@ -3,7 +3,8 @@ import torch
 from mm_helpers import ARCHS, make_inputs
 
 from mmalign.model import POLICIES, apply_freeze, eval_frozen
-from mmalign.model.freeze import ROLE_PREFIXES, _block_range
+from mmalign.model.architectures import architecture_of
+from mmalign.model.freeze import _block_range
 
 
 def numel(model, prefixes):
@@ -14,7 +15,7 @@ def numel(model, prefixes):
 def test_report_counts(build, arch):
     model, _ = build(arch)
     report = apply_freeze(model, "projector")
-    layout = ROLE_PREFIXES[model.config.model_type]
+    layout = architecture_of(model).roles
     assert report.counts["projector"] == (numel(model, layout["projector"]), 0)
     for role in ("vision", "llm") + (("qformer",) if arch == "minigpt4" else ()):
         assert report.counts[role] == (0, numel(model, layout[role])), role

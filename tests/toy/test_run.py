@@ -2,7 +2,7 @@
 
 import json
 
-from mmalign.model.build import load_model, template_of
+from mmalign.model import load_model, template_of
 from mmalign.toy import run
 
 

@@ -152,7 +152,7 @@ def test_lora_run_trains_with_its_own_projector_lr_and_exports_merged(tmp_path, 
 def test_quantized_base_is_for_lora_on_a_finished_folder(tmp_path, tiny_spec):
     from types import SimpleNamespace
 
-    from mmalign.model.build import model_from_config
+    from mmalign.model import model_from_config
     from mmalign.train.lora import prepare_quantized
 
     recipe_cfg = SimpleNamespace(

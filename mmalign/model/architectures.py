@@ -1,0 +1,162 @@
+"""One entry per architecture (per Hugging Face ``model_type``): every fact the rest of mmalign
+needs to know about it, in one place. Adding an architecture is one new ``Architecture``.
+
+The facts: where each part's parameters live (freezing policies, per-part learning rates, LoRA
+targets), which modules stay in full precision when the LLM is quantized, the published chat
+template, how many image tokens one image takes, where conversion writes each part, and whether
+the class's own ``generate`` can continue a prefilled cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+ROLES = ("vision", "qformer", "projector", "llm")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str  # config.model_type of the HF class
+    name: str  # the recipe-side name (ModelSpec.arch)
+    roles: Mapping[str, tuple[str, ...]]  # role -> parameter-name prefixes
+    full_precision: tuple[str, ...]  # modules kept unquantized by --load-in (name prefix or suffix)
+    default_template: str  # the published chat template
+    conversion_prefixes: Mapping[str, str]  # convert.py's {vision} {projector} {text} {lm_head}
+    count_image_tokens: Callable[[Any], int]  # config -> IMAGE_TOKEN copies per image
+    image_resize: Literal["square", "shortest_edge_crop"]  # the eval transform's geometry
+    # Blip2's generate() scatters the given images over *every* image token of the sequence, so it
+    # cannot continue a cache that already holds earlier images (chat.generate works around it)
+    generate_continues_cache: bool = True
+
+
+def grid_side(vision_config: Any) -> int:
+    """Patches per side of the (square) image the tower was configured for."""
+    size, patch = vision_config.image_size, vision_config.patch_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return size // patch
+
+
+def _patch_tokens(config: Any) -> int:
+    """Patch tokens of the tower, plus CLS when the strategy keeps it ("full")."""
+    side = grid_side(config.vision_config)
+    return side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+_LLAVA_ROLES = {
+    "vision": ("model.vision_tower.",),
+    "qformer": (),
+    "projector": ("model.multi_modal_projector.",),
+    "llm": ("model.language_model.", "lm_head."),
+}
+_LLAVA_FULL_PRECISION = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.model_type: a
+    for a in (
+        Architecture(
+            model_type="blip-2",
+            name="minigpt4",  # MiniGPT-4: EVA ViT-g + Q-Former + one Linear + Vicuna
+            roles={
+                "vision": ("vision_model.",),
+                "qformer": ("qformer.", "query_tokens"),
+                "projector": ("language_projection.",),
+                "llm": ("language_model.",),
+            },
+            full_precision=("vision_model", "qformer", "language_projection", "language_model.lm_head"),
+            default_template="minigpt4_v0",
+            conversion_prefixes={
+                "vision": "vision_model.",
+                "projector": "language_projection.",
+                "text": "language_model.model.",
+                "lm_head": "language_model.lm_head.weight",
+            },
+            count_image_tokens=lambda config: config.num_query_tokens,
+            image_resize="square",
+            generate_continues_cache=False,
+        ),
+        Architecture(
+            model_type="minigpt4_patch",
+            name="minigpt4_patch",  # MiniGPT-4 Llama-2 / MiniGPT-v2: patch tokens, 4 joined, one Linear
+            roles=_LLAVA_ROLES,
+            full_precision=_LLAVA_FULL_PRECISION,
+            default_template="llama2",
+            conversion_prefixes={
+                "vision": "model.vision_tower.",
+                "projector": "model.multi_modal_projector.linear.",
+                "text": "model.language_model.",
+                "lm_head": "lm_head.weight",
+            },
+            count_image_tokens=lambda config: _patch_tokens(config) // config.merge_tokens,
+            image_resize="square",
+        ),
+        Architecture(
+            model_type="llava",
+            name="llava",  # LLaVA-1.5 / ShareGPT4V: CLIP ViT-L/336, layer -2, MLP, Vicuna v1.5
+            roles=_LLAVA_ROLES,
+            full_precision=_LLAVA_FULL_PRECISION,
+            default_template="vicuna_v1",
+            conversion_prefixes={
+                "vision": "model.vision_tower.",
+                "projector": "model.multi_modal_projector.",
+                "text": "model.language_model.",
+                "lm_head": "lm_head.weight",
+            },
+            count_image_tokens=_patch_tokens,
+            image_resize="shortest_edge_crop",
+        ),
+    )
+}
+ARCHITECTURE_NAMES = tuple(a.name for a in ARCHITECTURES.values())
+
+
+def architecture_of(model_or_config: Any) -> Architecture:
+    """The entry for a model, a config, or a ``model_type`` string."""
+    if isinstance(model_or_config, str):
+        model_type = model_or_config
+    else:
+        model_type = getattr(getattr(model_or_config, "config", model_or_config), "model_type", None)
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise ValueError(f"unsupported model_type {model_type!r}; known: {sorted(ARCHITECTURES)}") from None
+
+
+def architecture_named(name: str) -> Architecture:
+    """The entry for a recipe's architecture name (``ModelSpec.arch``: minigpt4, minigpt4_patch, llava)."""
+    for arch in ARCHITECTURES.values():
+        if arch.name == name:
+            return arch
+    raise ValueError(f"unknown arch {name!r}; expected one of {ARCHITECTURE_NAMES}")
+
+
+def num_image_tokens(config: Any) -> int:
+    """How many ``IMAGE_TOKEN`` copies one image takes in the prompt."""
+    return architecture_of(config).count_image_tokens(config)
+
+
+def check_image_tokens(input_ids: Any, num_images: int, config: Any) -> None:
+    """Raise if the prompt's image tokens disagree with the images. Blip2 needs this: its
+    ``masked_scatter`` silently uses a prefix of the features when the counts differ."""
+    found = int((input_ids == config.image_token_index).sum())
+    per_image = num_image_tokens(config)
+    if found != num_images * per_image:
+        raise ValueError(
+            f"input_ids hold {found} image tokens but {num_images} image(s) x {per_image} tokens "
+            f"= {num_images * per_image} were expected"
+        )
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "ARCHITECTURE_NAMES",
+    "ROLES",
+    "Architecture",
+    "architecture_named",
+    "architecture_of",
+    "check_image_tokens",
+    "grid_side",
+    "num_image_tokens",
+]

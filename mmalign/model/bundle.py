@@ -1,0 +1,94 @@
+"""A model ready to answer: the model, its tokenizer, the chat template it was trained with and
+the image transform of its tower, kept together.
+
+Every front end takes one: the chat session, the API server, the web demo, evaluation, the
+lmms-eval adapter, the toy main job and the CLI. Loading is one call (``LoadedModel.load``), so
+the four parts can never come from different folders or disagree on the template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mmalign.model.architectures import Architecture, architecture_of, num_image_tokens
+from mmalign.model.loading import load_model, template_of
+from mmalign.model.processing import ImageTransform, image_transform_for
+from mmalign.prompts import Template, get_template
+
+
+def torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (None stays None: the checkpoint's own dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    return value
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    template: str | Template  # a mmalign.prompts template (name or object)
+    image_transform: ImageTransform
+    name: str = ""  # the folder / hub id it came from (or a recipe name)
+
+    def __post_init__(self) -> None:
+        get_template(self.template)  # an unknown template fails here, not at the first answer
+
+    @classmethod
+    def load(
+        cls,
+        path_or_id: str | Path,
+        *,
+        template: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        attn_implementation: str | None = None,
+        load_in: str | None = None,
+    ) -> LoadedModel:
+        """An exported folder / hub id with its recorded template (``template`` overrides it)."""
+        model, tokenizer = load_model(
+            str(path_or_id),
+            dtype=torch_dtype(dtype),
+            device=device,
+            attn_implementation=attn_implementation,
+            load_in=load_in,
+        )
+        return cls.of(model, tokenizer, template or template_of(path_or_id), name=str(path_or_id))
+
+    @classmethod
+    def of(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: str, name: str = ""
+    ) -> LoadedModel:
+        """A model already in memory (built from a recipe, or just trained)."""
+        return cls(model, tokenizer, template, image_transform_for(model), name)
+
+    @property
+    def architecture(self) -> Architecture:
+        return architecture_of(self.model)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return num_image_tokens(self.model.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def pixel_values(self, images: list[Any]) -> torch.Tensor:
+        """PIL images -> one ``[N, 3, H, W]`` batch on the model's device and dtype."""
+        return torch.stack([self.image_transform(im) for im in images]).to(self.device, self.dtype)
+
+
+__all__ = ["LoadedModel", "torch_dtype"]

@@ -1,0 +1,60 @@
+"""Recipes are data that the code reads: each shipped stage YAML agrees with its recipe, the fields
+a YAML leaves out come from the recipe, and a YAML that departs from it says so."""
+
+from pathlib import Path
+
+import pytest
+
+from mmalign.config import load_config, recipe_departures, with_recipe_defaults
+from mmalign.recipes import RECIPES, get_recipe
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_each_shipped_config_agrees_with_its_recipe(path):
+    cfg = load_config(path)
+    assert recipe_departures(cfg) == []
+    full = with_recipe_defaults(cfg)
+    recipe = get_recipe(cfg.model.recipe)
+    assert full.train.trainable == recipe.policy_for(cfg.train.stage)
+    assert full.data.caption_format == recipe.caption_format
+    assert full.data.template == recipe.template
+
+
+def test_unset_fields_come_from_the_recipe_and_a_departure_is_named():
+    cfg = load_config(None, ["model.recipe=sharegpt4v-7b", "train.stage=stage1"])
+    assert (cfg.data.template, cfg.data.caption_format, cfg.train.trainable) == (None, None, None)
+    full = with_recipe_defaults(cfg)
+    assert (full.data.template, full.data.caption_format) == ("vicuna_v1", "plain")
+    assert full.train.trainable == "projector+llm+vision_late_half"
+    assert cfg.train.trainable is None  # the copy is filled in, not the config it came from
+    lora = load_config(None, ["model.recipe=sharegpt4v-7b", "train.stage=stage2", "train.trainable=projector"])
+    (line,) = recipe_departures(lora)
+    assert "train.trainable=projector" in line and "projector+llm" in line
+    assert with_recipe_defaults(lora).train.trainable == "projector"  # a departure is kept, only reported
+
+
+def test_without_a_recipe_the_fallbacks_apply():
+    full = with_recipe_defaults(load_config(None, ["model.path=some/folder"]))
+    assert (full.data.template, full.data.caption_format, full.train.trainable) == (
+        "minigpt4_v0",
+        "minigpt4_caption",
+        "projector",
+    )
+
+
+def test_a_recipe_without_a_policy_for_the_stage_is_an_error():
+    with pytest.raises(KeyError, match="no policy for stage 'stage3'"):
+        with_recipe_defaults(load_config(None, ["model.recipe=toy-minigpt4", "train.stage=stage3"]))
+
+
+def test_every_recipe_names_a_known_architecture_and_template():
+    from mmalign.model.architectures import architecture_named
+    from mmalign.prompts import get_template
+
+    for recipe in RECIPES.values():
+        architecture_named(recipe.spec.arch)
+        get_template(recipe.template)
+        get_template(recipe.caption_format)
+        assert set(recipe.stage_policies) == {"stage1", "stage2"}
