@@ -52,7 +52,7 @@ def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = ()) ->
     from mmalign.evaluate.toy import evaluate_toy
     from mmalign.model import export, image_processor_for, image_transform_for, load_trainable
     from mmalign.model.build import load_model, model_from_config
-    from mmalign.train.loop import train
+    from mmalign.train.stage import train
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
