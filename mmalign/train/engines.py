@@ -387,13 +387,16 @@ class DeepSpeedEngine(Engine):
         return self.deepspeed_engine.get_global_grad_norm(), self.deepspeed_engine.was_step_applied()
 
     def gather_trainable(self, names: list[str]) -> dict[str, torch.Tensor]:
-        if self.zero_stage < 3:
-            return super().gather_trainable(names)
-        import deepspeed
+        """The fp32 masters (under bf16 / fp16 the module holds half copies), gathered from their
+        partitions."""
+        from deepspeed.utils import safe_get_full_fp32_param
 
         params = dict(self.module.named_parameters())
-        with deepspeed.zero.GatheredParameters([params[n] for n in names], modifier_rank=None):
-            return {n: params[n].detach().cpu().clone() for n in names}
+        gathered = {}
+        for name in names:
+            master = safe_get_full_fp32_param(params[name])  # None: no master apart from the parameter
+            gathered[name] = (master if master is not None else params[name]).detach().cpu().clone()
+        return gathered
 
     def save_optimizer(self, optimizer: Any, folder: Path) -> dict | None:
         engine_dir = str(self._engine_dir(folder))

@@ -6,6 +6,7 @@ checkpoint. (One process: every test of test_stage.py.)"""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,14 @@ from train_helpers import caption_data, config, losses_by_step, metrics
 
 from mmalign.config import TrainConfig
 from mmalign.model.checkpoint import WEIGHTS
-from mmalign.train.engines import ENGINE_DIR, grad_accum_for, make_engine
+from mmalign.train.engines import (
+    ENGINE_DIR,
+    DeepSpeedEngine,
+    FSDPEngine,
+    ReplicatedEngine,
+    grad_accum_for,
+    make_engine,
+)
 from mmalign.train.stage import train
 from mmalign.train.state import RANK_FILE, STATE_FILE
 
@@ -159,3 +167,63 @@ def test_a_tracker_that_is_not_installed_is_an_error_not_silence(tmp_path, monke
         make_engine(TrainConfig(report_to="tensorboard"), tmp_path)
     engine = make_engine(TrainConfig(report_to="none", grad_accum=3), tmp_path)
     assert engine.accum == 3 and engine.accelerator.num_processes == 1 and not engine.accelerator.log_with
+
+
+@pytest.mark.parametrize(
+    "engine",
+    ["ddp", "fsdp", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed)],
+)
+def test_accumulation_on_two_processes_matches_one_process(tmp_path, model_dir, engine):
+    # batch 1: one process accumulates 4 batches per step, each of 2 ranks 2 (the same 4 batches);
+    # DDP skips the sync but at the last, FSDP reduces every micro-batch, DeepSpeed counts them itself
+    data = caption_data(tmp_path / "data", n=8)
+    common = ["train.trainable=projector+llm", "train.batch_size=1", "train.global_batch_size=4"]
+    common += ["train.max_steps=3", "train.save_every=3", "train.warmup_steps=1", "train.lr=3e-3", "train.plot=false"]
+    one = tmp_path / "one"
+    train(config(model_dir, data, one, *common))
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": str(model_dir)}, "data": {"path": str(data)}}))
+    proc = _torchrun(engine, cfg, tmp_path / "two", *common)
+    assert "global batch 4 = 1 per device x 2 accumulation x 2 process(es)" in proc.stderr
+    la, lb = losses_by_step(one), losses_by_step(tmp_path / "two")
+    assert sorted(la) == sorted(lb) == [1, 2, 3]
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], abs=1e-4), (step, la, lb)
+
+
+def _clear_launcher(monkeypatch) -> None:
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_the_launcher_chooses_the_engine_and_accelerate_stays_in_its_plain_mode(tmp_path, monkeypatch):
+    _clear_launcher(monkeypatch)
+    assert isinstance(make_engine(TrainConfig(), tmp_path), ReplicatedEngine)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    engine = make_engine(TrainConfig(), tmp_path)
+    assert isinstance(engine, FSDPEngine) and engine.accelerator.distributed_type.value == "NO"
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true"  # hidden from accelerate only while it starts
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ValueError, match=r"\['FSDP_OFFLOAD_PARAMS=true'\] not supported"):
+        make_engine(TrainConfig(), tmp_path)
+    monkeypatch.delenv("FSDP_OFFLOAD_PARAMS")
+    with pytest.raises(ValueError, match="fp16 needs a sharded grad scaler; use bf16"):
+        make_engine(TrainConfig(mixed_precision="fp16"), tmp_path)
+
+
+def test_deepspeed_gets_the_batch_clipping_and_precision_of_the_run(tmp_path, monkeypatch):
+    _clear_launcher(monkeypatch)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(REPO / "configs/accelerate/zero3.json"))
+    train_cfg = TrainConfig(batch_size=4, global_batch_size=32, max_grad_norm=0.5, mixed_precision="bf16")
+    engine = make_engine(train_cfg, tmp_path)  # deepspeed itself is imported only by prepare
+    assert isinstance(engine, DeepSpeedEngine) and engine.name == "DeepSpeed ZeRO-3"
+    config = engine.config
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (4, 8)
+    assert (config["train_batch_size"], config["gradient_clipping"]) == (32, 0.5)
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    left = tmp_path / "auto.json"
+    left.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(left))
+    with pytest.raises(ValueError, match=r"left 'auto' that mmalign cannot fill: \['zero_optimization.reduce_bucket"):
+        make_engine(train_cfg, tmp_path)
