@@ -248,6 +248,8 @@ def _fsdp_settings() -> dict[str, Any]:
         "FSDP_VERSION": env.get("FSDP_VERSION", "2") != "2",
         "FSDP_OFFLOAD_PARAMS": env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true",
         "FSDP_ACTIVATION_CHECKPOINTING": env.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true",
+        # transformers would load the weights on rank 0 only, for a sync this engine does not do
+        "FSDP_CPU_RAM_EFFICIENT_LOADING": env.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true",
         "FSDP_AUTO_WRAP_POLICY": env.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP") != "TRANSFORMER_BASED_WRAP",
     }
     if any(refused.values()):
