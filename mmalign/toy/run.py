@@ -72,7 +72,7 @@ def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = ()) ->
 def train_stage(config: str, output_dir: Path, data: Path, overrides: tuple[str, ...]) -> tuple[Any, Path]:
     """One stage of `configs/`, on the toy data; returns the config it ran and its last checkpoint."""
     from mmalign.config import load_config, with_recipe_defaults
-    from mmalign.train.loop import train
+    from mmalign.train.stage import train
 
     cfg = with_recipe_defaults(
         load_config(CONFIGS / config, [f"data.path={data}", f"train.output_dir={output_dir}", *overrides])

@@ -15,8 +15,9 @@ from mmalign.cli import main
 from mmalign.config import TrainConfig, to_dict
 from mmalign.model import apply_freeze, build_model, export
 from mmalign.model.checkpoint import WEIGHTS
-from mmalign.train.loop import STATE_FILE, train
 from mmalign.train.lora import apply_lora, lora_target_modules
+from mmalign.train.stage import train
+from mmalign.train.state import STATE_FILE
 
 # tiny LLM (tests/conftest.py): width 32, MLP 64, 4 heads of 8, 2 KV heads -> k/v project to 16; 2 layers
 H, MLP, KV, LAYERS = 32, 64, 16, 2

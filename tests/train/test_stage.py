@@ -1,4 +1,4 @@
-"""The training loop end to end on a tiny exported model and a tiny on-disk dataset (CPU, seconds)."""
+"""The stage run end to end on a tiny exported model and a tiny on-disk dataset (CPU, seconds)."""
 
 from __future__ import annotations
 
@@ -28,30 +28,45 @@ from train_helpers import (
     metrics,
 )
 
-import mmalign.train.loop as loop
 from mmalign.config import to_dict
 from mmalign.data.sampling import LengthGroupedSampler
 from mmalign.model.checkpoint import WEIGHTS
-from mmalign.train.loop import STATE_FILE, ResumableSampler, latest_checkpoint, train
+from mmalign.train.batches import ResumableSampler
+from mmalign.train.stage import StageRun, train
+from mmalign.train.state import STATE_FILE, latest_checkpoint
 
 
-@pytest.fixture
-def capture_model(monkeypatch):
-    """Keep the model the loop builds, with a copy of its initial state."""
-    seen: dict = {}
-    real = loop.model_from_config
-
-    def spy(cfg):
-        model, tok = real(cfg)
-        seen["model"] = model
-        seen["initial"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return model, tok
-
-    monkeypatch.setattr(loop, "model_from_config", spy)
-    return seen
+class Killed(Exception):
+    pass
 
 
-def test_stage1_lowers_loss_saves_and_keeps_frozen_tensors(tmp_path, model_dir, capture_model):
+class RecordingRun(StageRun):
+    """A stage run that keeps the model it set up and a copy of its state before the first step,
+    and dies (an exception out of the loop) as it reaches batch number `kill_at`."""
+
+    kill_at: int | None = None
+
+    def setup_model(self) -> None:
+        super().setup_model()
+        self.built = self.model
+        self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.batches_seen = 0
+
+    def on_batch(self, batch) -> None:
+        self.batches_seen += 1
+        if self.batches_seen == self.kill_at:
+            raise Killed
+
+
+def train_killed_at_batch(n: int, cfg, run_class: type[RecordingRun] = RecordingRun) -> None:
+    """Run `cfg` and kill it as it reaches its n-th batch."""
+    run = run_class(cfg)
+    run.kill_at = n
+    with pytest.raises(Killed):
+        run.run()
+
+
+def test_stage1_lowers_loss_saves_and_keeps_frozen_tensors(tmp_path, model_dir):
     data = caption_data(tmp_path / "data", n=2)  # one batch of 2, seen at every step
     out = tmp_path / "run"
     cfg = config(
@@ -64,7 +79,8 @@ def test_stage1_lowers_loss_saves_and_keeps_frozen_tensors(tmp_path, model_dir, 
         "train.save_every=10",
         "train.keep_checkpoints=2",
     )
-    final = train(cfg)
+    run = RecordingRun(cfg)
+    final = run.run()
 
     assert final == out / "checkpoint-30"
     logged = metrics(out)
@@ -82,7 +98,7 @@ def test_stage1_lowers_loss_saves_and_keeps_frozen_tensors(tmp_path, model_dir, 
     assert report["total"] == 0 and report["truncated"] == 0
     assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 30
 
-    model, initial = capture_model["model"], capture_model["initial"]
+    model, initial = run.built, run.initial
     saved = load_file(str(final / WEIGHTS))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(PROJECTOR) for n in trainable)
@@ -95,26 +111,6 @@ def test_stage1_lowers_loss_saves_and_keeps_frozen_tensors(tmp_path, model_dir, 
             assert torch.equal(tensor, initial[name]), f"frozen {name} changed"
 
 
-class Killed(Exception):
-    pass
-
-
-def train_killed_at_batch(n: int, monkeypatch, cfg) -> None:
-    """Run `cfg` and kill it (an exception out of the loop) as it reaches its n-th batch."""
-    real_check, calls = loop.check_image_tokens, {"n": 0}
-
-    def dying_check(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise Killed
-        return real_check(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "check_image_tokens", dying_check)
-    with pytest.raises(Killed):
-        train(cfg)
-    monkeypatch.setattr(loop, "check_image_tokens", real_check)
-
-
 @pytest.mark.parametrize(
     "arch, trainable, source",
     [
@@ -125,7 +121,7 @@ def train_killed_at_batch(n: int, monkeypatch, cfg) -> None:
         ("minigpt4", "all", "captions"),
     ],
 )
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, model_dirs, monkeypatch, arch, trainable, source):
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, model_dirs, arch, trainable, source):
     # 5 records, batch 2: 3 batches per epoch (last one partial), so step 4 is mid-epoch 2
     model_dir = model_dirs(arch)
     data = caption_data(tmp_path / "data", n=5)
@@ -142,7 +138,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, model_dirs, monkeypat
     train(config(model_dir, data, a_out, *common))
 
     # run B is killed in the middle of step 6: after checkpoint-4, with step 5 already logged
-    train_killed_at_batch(6, monkeypatch, config(model_dir, data, b_out, *common))
+    train_killed_at_batch(6, config(model_dir, data, b_out, *common))
     assert latest_checkpoint(b_out) == b_out / "checkpoint-4"
     assert not (b_out / "checkpoint-8").exists()
     assert [m["step"] for m in metrics(b_out)] == [1, 2, 3, 4, 5]
@@ -220,23 +216,15 @@ def test_bad_records_are_counted_logged_and_skipped(tmp_path, model_dir, caplog)
     assert f"{data}#{corrupt_i}" in log_text and str(corrupt_path) in log_text
     assert f"{data}#5" in log_text and "empty caption" in log_text
     assert "missing image" in log_text and "corrupt image" in log_text
-    assert any(r.name == "mmalign.train.loop" and "skipped" in r.getMessage() for r in caplog.records)
+    assert any(r.name == "mmalign.train.stage" and "skipped" in r.getMessage() for r in caplog.records)
 
 
-def test_stage2_conversations_start_from_stage1_projector(tmp_path, model_dir, monkeypatch):
+def test_stage2_conversations_start_from_stage1_projector(tmp_path, model_dir):
     stage1 = train(
         config(model_dir, caption_data(tmp_path / "caps"), tmp_path / "s1", "train.max_steps=3", "train.save_every=3")
     )
     s1 = load_file(str(stage1 / WEIGHTS))
 
-    at_freeze: dict = {}
-    real_freeze = loop.apply_freeze
-
-    def spy(model, policy):
-        at_freeze.update({n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(PROJECTOR)})
-        return real_freeze(model, policy)
-
-    monkeypatch.setattr(loop, "apply_freeze", spy)
     data = cc_sbu_align(tmp_path / "cc_sbu_align")
     out = tmp_path / "s2"
     cfg = config(
@@ -251,11 +239,13 @@ def test_stage2_conversations_start_from_stage1_projector(tmp_path, model_dir, m
         "train.save_every=2",
         "train.lr=1e-3",
     )
-    final = train(cfg)
+    run = RecordingRun(cfg)
+    final = run.run()
 
-    assert set(at_freeze) == set(s1)
+    at_setup = {n: t for n, t in run.initial.items() if n.startswith(PROJECTOR)}  # before the first step
+    assert set(at_setup) == set(s1)
     for name, tensor in s1.items():
-        assert torch.equal(at_freeze[name], tensor), name  # started from stage 1...
+        assert torch.equal(at_setup[name], tensor), name  # started from stage 1...
     pristine = load_file(str(model_dir / "model.safetensors"))
     assert any(not torch.equal(pristine[n], s1[n]) for n in s1 if n in pristine)  # ...which had trained
     s2 = load_file(str(final / WEIGHTS))
@@ -264,17 +254,6 @@ def test_stage2_conversations_start_from_stage1_projector(tmp_path, model_dir, m
     assert report["total"] == 0
     assert all(m["answer_tokens"] > 0 for m in metrics(out))
     assert json.loads((out / "config.json").read_text())["model"]["init_trainable"] == str(stage1)
-
-
-def test_latest_checkpoint_ignores_partial_and_temp_folders(tmp_path):
-    assert latest_checkpoint(tmp_path) is None
-    for step in (4, 9, 10):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / STATE_FILE).write_bytes(b"x")
-    (tmp_path / ".tmp-checkpoint-12").mkdir()  # killed while saving: a state file but no rename
-    (tmp_path / ".tmp-checkpoint-12" / STATE_FILE).write_bytes(b"x")
-    (tmp_path / "checkpoint-11").mkdir()  # no state file: not a complete checkpoint
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"  # numeric, not lexical order
 
 
 def test_resume_skips_a_half_written_checkpoint(tmp_path, model_dir):
@@ -413,23 +392,22 @@ class _Stream(torch.utils.data.IterableDataset):
             yield self.base[i]
 
 
-def test_streamed_dataset_resumes_exactly_without_rereading(tmp_path, model_dir, monkeypatch):
+def test_streamed_dataset_resumes_exactly_without_rereading(tmp_path, model_dir):
     streams: list[_Stream] = []
-    real_build = loop.dataset_from_config
 
-    def streamed(*args, **kwargs):
-        streams.append(_Stream(real_build(*args, **kwargs)))
-        return streams[-1]
+    class StreamedRun(RecordingRun):
+        def build_dataset(self):
+            streams.append(_Stream(super().build_dataset()))
+            return streams[-1]
 
-    monkeypatch.setattr(loop, "dataset_from_config", streamed)
     data = caption_data(tmp_path / "data", n=5)  # batch 2: 3 batches per epoch
     common = ("train.max_steps=8", "train.save_every=4", "train.plot=false", "train.warmup_steps=2", "train.lr=1e-3")
     a_out, b_out = tmp_path / "a", tmp_path / "b"
-    train(config(model_dir, data, a_out, *common))
+    StreamedRun(config(model_dir, data, a_out, *common)).run()
     assert streams[0].calls[:2] == [("epoch", 0), ("resume", 0, 2)] and ("epoch", 2) in streams[0].calls
 
-    train_killed_at_batch(6, monkeypatch, config(model_dir, data, b_out, *common))
-    train(config(model_dir, data, b_out, *common))
+    train_killed_at_batch(6, config(model_dir, data, b_out, *common), StreamedRun)
+    StreamedRun(config(model_dir, data, b_out, *common)).run()
 
     resumed = streams[-1]
     # checkpoint-4 = epoch 1 (batches of 2, 2, 1), 1 batch consumed: the stream is told to skip it
@@ -441,30 +419,7 @@ def test_streamed_dataset_resumes_exactly_without_rereading(tmp_path, model_dir,
         assert lb[step] == pytest.approx(la[step], abs=1e-5), (step, la, lb)
 
 
-def test_length_grouped_batches_split_across_ranks_once_each():
-    lengths = [int(x) for x in np.random.default_rng(0).integers(5, 300, 64)]
-    grouped = LengthGroupedSampler(lengths, batch_size=4, world_size=2, seed=3, megabatch_size=4)
-    ranks = [ResumableSampler(64, 3, batch_size=4, rank=r, world=2, order=grouped.epoch_order) for r in (0, 1)]
-    seen = [list(s) for s in ranks]
-    assert sorted(seen[0] + seen[1]) == list(range(64))  # 64 = 8 steps of 2 ranks x 4: nothing dropped
-    for r in (0, 1):  # same step on both ranks: batches of similar length (one sorted megabatch)
-        batches = [seen[r][i : i + 4] for i in range(0, 64 // 2, 4)]
-        spread = np.mean([np.ptp([lengths[i] for i in b]) for b in batches])
-        assert spread < np.ptp(lengths) / 2
-    ranks[0].epoch = 1
-    assert list(ranks[0]) != seen[0]  # a new order per epoch
-
-
-def test_group_by_length_trains(tmp_path, model_dir, monkeypatch):
-    seen = {}
-
-    class Spy(loop.ResumableSampler):
-        def _batches(self):
-            seen.setdefault("batches", super()._batches())
-            seen.setdefault("order", self.order)
-            return super()._batches()
-
-    monkeypatch.setattr(loop, "ResumableSampler", Spy)
+def test_group_by_length_trains(tmp_path, model_dir):
     data = caption_data(tmp_path / "data", n=4)
     cfg = config(
         model_dir,
@@ -476,10 +431,13 @@ def test_group_by_length_trains(tmp_path, model_dir, monkeypatch):
         "train.save_every=3",
         "train.plot=false",
     )
-    assert train(cfg) == tmp_path / "run" / "checkpoint-3"
-    assert isinstance(seen["order"].__self__, LengthGroupedSampler)  # without grouping: None
-    order = seen["order"](0)
-    assert seen["batches"] == [order[0:2], order[2:4]]  # the epoch's batches follow the grouped order
+    run = StageRun(cfg)
+    assert run.run() == tmp_path / "run" / "checkpoint-3"
+    sampler = run.batches.sampler
+    assert isinstance(sampler.order.__self__, LengthGroupedSampler)  # without grouping: None
+    order = sampler.order(0)
+    sampler.epoch, sampler.start = 0, 0
+    assert sampler._batches() == [order[0:2], order[2:4]]  # the epoch's batches follow the grouped order
 
 
 def test_half_precision_trainable_weights_need_mixed_precision(tmp_path, model_dir):

@@ -1,0 +1,71 @@
+"""What a stage trains, and how the rest behaves meanwhile: the freezing policy (+ LoRA),
+gradient checkpointing, the precision check, and train / eval modes of the frozen towers."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from mmalign.config import RunConfig
+from mmalign.model import apply_freeze
+from mmalign.train.lora import apply_lora
+
+if TYPE_CHECKING:
+    from mmalign.model import FreezeReport
+
+log = logging.getLogger(__name__)
+
+
+def freeze_for_stage(model: torch.nn.Module, cfg: RunConfig, is_main: bool) -> FreezeReport:
+    """The stage's freezing policy, then LoRA adapters (which join the trainable set, LLM role)."""
+    train_cfg = cfg.train
+    report = apply_freeze(model, train_cfg.trainable)
+    if train_cfg.lora_r:
+        apply_lora(model, train_cfg)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        report = dataclasses.replace(report, trainable_names=trainable)
+    if is_main:
+        log.info("%s", report)
+        if train_cfg.lora_r:
+            count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            log.info("with LoRA (r=%d): %s trainable parameters", train_cfg.lora_r, f"{count:,}")
+    return report
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of the LLM and vision tower."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if model.get_input_embeddings().weight.requires_grad is False:
+        model.enable_input_require_grads()  # LLM frozen / LoRA: keep the graph from the embeddings
+
+
+def check_trainable_precision(model: torch.nn.Module, cfg: RunConfig) -> None:
+    """Half-precision weights that train need mixed precision (float32 masters)."""
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]
+    if half and cfg.train.mixed_precision == "no":
+        raise ValueError(
+            f"model.dtype={cfg.model.dtype} trains {half[0]} (and {len(half) - 1} more) in half precision, "
+            "where AdamW's updates vanish or turn NaN: set train.mixed_precision=fp16|bf16 "
+            "(trainable weights are then kept in float32)"
+        )
+
+
+def set_train_modes(model: torch.nn.Module, frozen: list[torch.nn.Module], checkpointing: bool) -> None:
+    """Train mode, with frozen towers in eval mode (no dropout), as the originals do. HF only
+    checkpoints modules in train mode, so with gradient checkpointing a frozen tower stays in
+    train mode (gradients still flow through a frozen LLM to the projector) with its dropout off."""
+    model.train()
+    for module in frozen:
+        if not checkpointing:
+            module.eval()
+        else:
+            for sub in module.modules():
+                if isinstance(sub, torch.nn.Dropout):
+                    sub.eval()
