@@ -3,8 +3,9 @@ needs to know about it, in one place. Adding an architecture is one new ``Archit
 
 The facts: where each part's parameters live (freezing policies, per-part learning rates, LoRA
 targets), which modules stay in full precision when the LLM is quantized, the published chat
-template, how many image tokens one image takes, where conversion writes each part, and whether
-the class's own ``generate`` can continue a prefilled cache.
+template, how many image tokens one image takes, where conversion writes each part, whether
+the class's own ``generate`` can continue a prefilled cache, what a feature cache stores (the
+projector's input: what the frozen part computes) and how packed rows keep samples apart.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ class Architecture:
     conversion_prefixes: Mapping[str, str]  # convert.py's {vision} {projector} {text} {lm_head}
     count_image_tokens: Callable[[Any], int]  # config -> IMAGE_TOKEN copies per image
     image_resize: Literal["square", "shortest_edge_crop"]  # the eval transform's geometry
+    # the frozen part a feature cache replaces: image -> the projector's input, [n, tokens, width]
+    cached_roles: tuple[str, ...]
+    frozen_features: Callable[[Any, Any], Any]  # (model, pixel_values) -> features
+    # (model, features) -> the projected image embeddings as the class's forward takes them in
+    # `mm_encoder_outputs["image"].pooler_output`
+    project_features: Callable[[Any, Any], Any]
+    feature_settings: Callable[[Any], dict]  # config -> the fields that decide the features
+    # packed rows: "position_ids" (restarting positions; transformers derives the block mask when
+    # attention_mask is None and no cache is built) or "block_mask" (a 4-D additive mask: Blip2's
+    # forward replaces a missing mask by ones, so position ids alone would mix the samples)
+    packed_attention: Literal["position_ids", "block_mask"]
     # Blip2's generate() scatters the given images over *every* image token of the sequence, so it
     # cannot continue a cache that already holds earlier images (chat.generate works around it)
     generate_continues_cache: bool = True
@@ -43,6 +55,48 @@ def _patch_tokens(config: Any) -> int:
     """Patch tokens of the tower, plus CLS when the strategy keeps it ("full")."""
     side = grid_side(config.vision_config)
     return side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def _qformer_queries(model: Any, pixel_values: Any) -> Any:
+    """MiniGPT-4: ViT -> ln_vision -> Q-Former; the query outputs, cast as Blip2's forward casts them."""
+    out = model.get_image_features(pixel_values, return_dict=True)
+    return out.qformer_outputs.last_hidden_state.to(out.last_hidden_state.dtype)
+
+
+def _llava_selected(model: Any, pixel_values: Any) -> Any:
+    """LLaVA: ``hidden_states[vision_feature_layer]`` (a list of layers concatenated), CLS dropped
+    by the "default" strategy, as ``LlavaModel.get_image_features`` selects before its projector."""
+    config = model.config
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+    layers = config.vision_feature_layer
+    picked = [hidden[i] for i in (layers if isinstance(layers, (list, tuple)) else [layers])]
+    if config.vision_feature_select_strategy == "default":
+        picked = [h[:, 1:] for h in picked]
+    if len(picked) == 1:
+        return picked[0]
+    import torch  # this module stays light: torch only once a model exists
+
+    return torch.cat(picked, dim=-1)
+
+
+def _patch_selected(model: Any, pixel_values: Any) -> Any:
+    config = model.config
+    layer = config.vision_feature_layer
+    outputs = model.model.vision_tower(pixel_values, output_hidden_states=layer is not None, return_dict=True)
+    return model.model.select_features(outputs, layer, config.vision_feature_select_strategy)
+
+
+def _vision_settings(config: Any) -> dict:
+    vision = config.vision_config
+    return {"model_type": vision.model_type, "image_size": vision.image_size, "patch_size": vision.patch_size}
+
+
+def _llava_settings(config: Any) -> dict:
+    return {
+        **_vision_settings(config),
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+    }
 
 
 _LLAVA_ROLES = {
@@ -75,6 +129,11 @@ ARCHITECTURES: dict[str, Architecture] = {
             },
             count_image_tokens=lambda config: config.num_query_tokens,
             image_resize="square",
+            cached_roles=("vision", "qformer"),
+            frozen_features=_qformer_queries,
+            project_features=lambda model, features: model.language_projection(features),
+            feature_settings=lambda config: {**_vision_settings(config), "num_query_tokens": config.num_query_tokens},
+            packed_attention="block_mask",
             generate_continues_cache=False,
         ),
         Architecture(
@@ -91,6 +150,15 @@ ARCHITECTURES: dict[str, Architecture] = {
             },
             count_image_tokens=lambda config: _patch_tokens(config) // config.merge_tokens,
             image_resize="square",
+            cached_roles=("vision",),
+            frozen_features=_patch_selected,
+            project_features=lambda model, features: list(model.model.multi_modal_projector(features)),
+            feature_settings=lambda config: {
+                **_llava_settings(config),
+                "merge_tokens": config.merge_tokens,
+                "patch_merge": config.patch_merge,
+            },
+            packed_attention="position_ids",
         ),
         Architecture(
             model_type="llava",
@@ -106,6 +174,11 @@ ARCHITECTURES: dict[str, Architecture] = {
             },
             count_image_tokens=_patch_tokens,
             image_resize="shortest_edge_crop",
+            cached_roles=("vision",),
+            frozen_features=_llava_selected,
+            project_features=lambda model, features: list(model.model.multi_modal_projector(features)),
+            feature_settings=_llava_settings,
+            packed_attention="position_ids",
         ),
     )
 }

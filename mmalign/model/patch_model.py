@@ -154,15 +154,19 @@ class MiniGPT4PatchModel(MiniGPT4PatchPreTrainedModel, LlavaModel):
         if image_sizes is not None:
             raise ValueError("minigpt4_patch takes square images of the configured size only")
         outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
-        if vision_feature_layer is None:
-            feats = outputs.last_hidden_state
-        else:
-            feats = outputs.hidden_states[vision_feature_layer]
-        if vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]
-        merged = merge_patches(feats, self.config.merge_tokens, self.config.patch_merge)
+        merged = self.select_features(outputs, vision_feature_layer, vision_feature_select_strategy)
         outputs.pooler_output = list(self.multi_modal_projector(merged))
         return outputs
+
+    def select_features(
+        self, outputs: BaseModelOutputWithPooling, layer: int | None, strategy: str | None
+    ) -> torch.Tensor:
+        """The tower's outputs -> the projector's input ``[n, tokens // merge, merge * width]``
+        (what a feature cache stores: everything before it is frozen in MiniGPT-4's stages)."""
+        feats = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
+        if strategy == "default":
+            feats = feats[:, 1:]
+        return merge_patches(feats, self.config.merge_tokens, self.config.patch_merge)
 
 
 class MiniGPT4PatchForConditionalGeneration(MiniGPT4PatchPreTrainedModel, LlavaForConditionalGeneration):

@@ -22,3 +22,33 @@ def make_inputs(model, tok, batch: int = 2, seed: int = 0, images_per_row: int =
     labels = input_ids.masked_fill(input_ids == model.config.image_token_index, -100)
     mask = torch.ones_like(input_ids)
     return dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, labels=labels)
+
+
+def mixed_length_samples(model, tok, n: int = 5, seed: int = 0, max_text: int = 20):
+    """Collate-ready samples of different lengths: BOS, the image tokens, random text (labels on
+    the text), one random image each."""
+    from mmalign.model import num_image_tokens
+
+    g = torch.Generator().manual_seed(seed)
+    k = num_image_tokens(model.config)
+    size = model.config.vision_config.image_size
+    out = []
+    for _ in range(n):
+        text = torch.randint(5, len(tok) - 1, (int(torch.randint(3, max_text, (1,), generator=g)),), generator=g)
+        text = text.masked_fill(text == model.config.image_token_index, 5).tolist()
+        ids = [tok.bos_token_id, *([model.config.image_token_index] * k), *text]
+        out.append({"input_ids": ids, "labels": [-100] * (1 + k) + text, "pixel_values": torch.randn(3, size, size)})
+    return out
+
+
+def per_sample_losses(logits, labels, sample_ids=None) -> dict[int, float]:
+    """Mean next-token loss of each sample (rows are samples when ``sample_ids`` is None)."""
+    rows, length = labels.shape
+    if sample_ids is None:
+        sample_ids = torch.arange(rows)[:, None].expand(rows, length)
+    targets, owners = labels[:, 1:], sample_ids[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
+    ).view(rows, length - 1)
+    kept = targets != -100
+    return {int(s): token_loss[kept & (owners == s)].mean().item() for s in owners[kept].unique()}
