@@ -1,4 +1,4 @@
-"""`mmalign <verb>`: train, export, chat, serve, demo, eval, convert, toy.
+"""`mmalign <verb>`: train, export, cache-features, chat, serve, demo, eval, convert, toy.
 
 Each verb is a parser and a handler side by side; options several verbs share come from
 parent parsers. Nothing heavy is imported until a verb runs, so `mmalign --help` answers at
@@ -85,6 +85,31 @@ def run_export(a: argparse.Namespace) -> None:
     from mmalign.train.export import export_checkpoint
 
     print(export_checkpoint(_load_config(a), a.checkpoint, a.out))
+
+
+def add_cache_features(sub, parents) -> None:
+    p = sub.add_parser(
+        "cache-features",
+        parents=[parents["config"]],
+        help="run a stage's frozen part once over its data; train from it with data.features=DIR",
+    )
+    p.add_argument("--out", required=True, help="the cache folder (new)")
+    p.add_argument("--views", type=int, default=1, help="draws of a random train transform per image (one per epoch)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--batch-size", type=int, default=64, help="images per frozen forward")
+    p.add_argument("--num-workers", type=int, default=None, help="image decoding workers (default: data.num_workers)")
+    p.set_defaults(fn=run_cache_features)
+
+
+def run_cache_features(a: argparse.Namespace) -> None:
+    from mmalign.data import DataError
+    from mmalign.train.feature_cache import cache_features
+
+    options = dict(views=a.views, dtype=a.dtype, batch_size=a.batch_size, num_workers=a.num_workers)
+    try:
+        print(cache_features(_load_config(a), a.out, **options).folder)
+    except (DataError, ValueError) as e:
+        raise _fail("cache-features", e) from None
 
 
 # --------------------------------------------------------------------------- chat, serve, demo
@@ -299,7 +324,17 @@ def run_toy(a: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- main
 
-VERBS: tuple[Callable, ...] = (add_train, add_export, add_chat, add_serve, add_demo, add_eval, add_convert, add_toy)
+VERBS: tuple[Callable, ...] = (
+    add_train,
+    add_export,
+    add_cache_features,
+    add_chat,
+    add_serve,
+    add_demo,
+    add_eval,
+    add_convert,
+    add_toy,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

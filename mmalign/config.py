@@ -55,6 +55,9 @@ class DataConfig:
     mix: Literal["sample", "batch"] = "sample"  # a source drawn per sample | per batch (MiniGPT-4)
     shuffle_buffer: int = 1000  # samples shuffled in memory per DataLoader worker (webdataset shards)
     group_by_length: bool = False  # map-style conversations: batches of similar length, one modality each
+    features: str | None = None  # a frozen-feature cache (mmalign cache-features) read instead of the images
+    packing: bool = False  # place each batch's samples whole into rows of pack_tokens (no padding to the longest)
+    pack_tokens: int | None = None  # the token budget of a packed row; None: max_length
 
 
 @dataclass

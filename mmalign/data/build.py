@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.config import DataConfig, SourceConfig, with_fallbacks
+from mmalign.data.features import FeatureCache, FeatureLookup, FeatureShardStream, source_identity
 from mmalign.data.sampling import LengthGroupedSampler
 from mmalign.data.sources import (
     CaptionRecord,
@@ -176,7 +177,10 @@ def check_data(cfg: DataConfig) -> None:
     cfg = with_fallbacks(cfg)
     if cfg.source not in ("captions", "conversations"):
         raise DataError(f"unknown data.source {cfg.source!r}; known: captions, conversations")
+    check_packing(cfg)
     _CHECKED.clear()
+    if cfg.features:
+        open_feature_cache(cfg)
     for src in _sources(cfg):
         kind = _source_type(src.path, src.type)
         if kind == "webdataset":
@@ -190,9 +194,44 @@ def check_data(cfg: DataConfig) -> None:
         log.info("checked %s: %d records%s", src.path, len(records), bad)
 
 
+def check_packing(cfg: DataConfig) -> None:
+    """``data.packing`` rows must hold the longest sample ``data.max_length`` allows."""
+    if cfg.packing and cfg.pack_tokens is not None and cfg.pack_tokens < cfg.max_length:
+        raise DataError(
+            f"data.pack_tokens={cfg.pack_tokens} is below data.max_length={cfg.max_length}: a sample of "
+            "max_length tokens would not fit a row (samples are packed whole)"
+        )
+
+
+def pack_tokens_of(cfg: DataConfig) -> int | None:
+    """The row budget of packed batches (``data.pack_tokens``, else ``data.max_length``); None without packing."""
+    if not cfg.packing:
+        return None
+    return cfg.pack_tokens if cfg.pack_tokens is not None else cfg.max_length
+
+
+def source_kinds(cfg: DataConfig) -> list[tuple[SourceConfig, str]]:
+    """Each source of ``cfg`` with its type (webdataset, captions, llava)."""
+    return [(src, _source_type(src.path, src.type)) for src in _sources(cfg)]
+
+
+def source_records(cfg: DataConfig, src: SourceConfig, kind: str, skips: SkipCounter) -> list[Record]:
+    """The records of one JSON source, as training indexes them (what a feature cache keys by)."""
+    return _read_records(with_fallbacks(cfg), src, kind, skips)
+
+
+def open_feature_cache(cfg: DataConfig) -> FeatureCache:
+    """``data.features``, checked against this config's sources (the fingerprint needs the model:
+    ``FeatureCache.check_fingerprint``)."""
+    cache = FeatureCache.open(cfg.features)
+    pairs = source_kinds(cfg)
+    cache.check_sources([source_identity(src.path, kind) for src, kind in pairs], [src.path for src, _ in pairs])
+    return cache
+
+
 def _open_source(
     cfg: DataConfig,
-    src: SourceConfig,
+    index: int,
     encode: Callable,
     image_transform: Callable,
     skips: SkipCounter,
@@ -201,20 +240,20 @@ def _open_source(
     rank: int | None,
     world: int | None,
     as_stream: bool,
+    features: FeatureCache | None,
 ) -> MultimodalDataset | StreamDataset:
+    """Source ``index`` of ``cfg``: its images, or its cached features when ``features`` is given."""
+    src = _sources(cfg)[index]
     kind = _source_type(src.path, src.type)
     if kind == "webdataset":
-        return ShardStream(
-            src.path,
-            encode,
-            image_transform,
-            seed=seed,
-            shuffle_buffer=cfg.shuffle_buffer,
-            rank=rank,
-            world=world,
-            skips=skips,
-        )
-    dataset = MultimodalDataset(_records_for_training(cfg, src, kind, skips), encode, image_transform, skips=skips)
+        stream, urls, extra = ShardStream, src.path, {}
+        if features is not None:
+            stream, urls, extra = FeatureShardStream, features.shards(index), {"views": features.views}
+        opts = dict(seed=seed, shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world, skips=skips)
+        return stream(urls, encode, image_transform, **opts, **extra)
+    lookup = None if features is None else FeatureLookup(features.shards(index), seed, features.views)
+    records = _records_for_training(cfg, src, kind, skips)
+    dataset = MultimodalDataset(records, encode, image_transform, skips=skips, features=lookup)
     return IndexStream(dataset, seed=seed, rank=rank, world=world) if as_stream else dataset
 
 
@@ -229,24 +268,33 @@ def dataset_from_config(
     rank: int | None = None,
     world: int | None = None,
     skip_log: str | Path | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> MultimodalDataset | StreamDataset:
     """The dataset ``cfg`` describes. ``seed`` seeds shard order, shuffle buffers and mixing
     draws (per epoch); ``batch_size`` (per device) is needed for ``data.mix: batch``; ``rank`` /
     ``world`` default to torch.distributed / env; ``skip_log`` keeps the JSONL of every skipped
     sample (default: a temporary file, read by ``.skipped``). Unusable data raises ``DataError``
-    (``check_data`` finds the same before a model is loaded)."""
+    (``check_data`` finds the same before a model is loaded). With ``data.features`` the cached
+    features replace the images; ``fingerprint`` (``mmalign.model.features.feature_fingerprint``
+    of this run's model and transform) must match the cache's."""
     cfg = with_fallbacks(cfg)
     sources = _sources(cfg)
     encode = _encoder(cfg, tokenizer, num_image_tokens)
     skips = SkipCounter(path=skip_log)
-    opts = dict(seed=seed, rank=rank, world=world)
+    features = None
+    if cfg.features:
+        if fingerprint is None:
+            raise ValueError("data.features is set: pass the fingerprint of this run's frozen part to check the cache")
+        features = open_feature_cache(cfg)
+        features.check_fingerprint(fingerprint)
+    opts = dict(seed=seed, rank=rank, world=world, features=features)
     if not cfg.sources:
-        return _open_source(cfg, sources[0], encode, image_transform, skips, as_stream=False, **opts)  # type: ignore[arg-type]
+        return _open_source(cfg, 0, encode, image_transform, skips, as_stream=False, **opts)  # type: ignore[arg-type]
     if cfg.mix == "batch" and not batch_size:
         raise ValueError("data.mix: batch needs the per-device batch size (dataset_from_config(batch_size=...))")
     parts = [
-        _open_source(cfg, s, encode, image_transform, skips, as_stream=True, **opts)  # type: ignore[arg-type]
-        for s in sources
+        _open_source(cfg, i, encode, image_transform, skips, as_stream=True, **opts)  # type: ignore[arg-type]
+        for i in range(len(sources))
     ]
     return MixedStream(
         parts,

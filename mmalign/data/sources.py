@@ -53,6 +53,16 @@ class DataError(ValueError):
     reported before the model loads instead of as a traceback after it."""
 
 
+class SampleProblem(Exception):
+    """One sample that cannot be used (a corrupt or missing image, a missing caption): counted under
+    ``reason`` and skipped. A feature cache records it too, so a cached sample is skipped where
+    and as its source sample is."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
 class SkipCounter:
     """Counts of skipped records per reason, the first few names per reason, and truncations,
     shared by every process that holds a copy.
@@ -401,15 +411,17 @@ def load_image(ref: ImageRef | IO[bytes]) -> Image.Image:
 
 def encode_sample(
     rec: Record,
-    image: Image.Image | None,
+    image: Any,
     encode_fn: Callable[[Any], dict[str, Any]],
-    image_transform: Callable[[Image.Image], Any],
+    image_transform: Callable[[Image.Image], Any] | None,
     skips: SkipCounter,
     where: str,
+    image_key: str = "pixel_values",
 ) -> dict[str, Any] | None:
     """One record with its decoded image (or None) -> a training sample, or None (counted).
 
-    Shared by the map-style dataset and the streams, so both give identical samples."""
+    Shared by the map-style dataset and the streams, so both give identical samples. From a
+    feature cache ``image`` is the cached features (``image_key="image_features"``, no transform)."""
     try:
         enc = encode_fn(rec)
     except ValueError as e:
@@ -421,11 +433,9 @@ def encode_sample(
         return None
     if enc.get("answer_tokens_cut"):
         skips.add_truncated(where, f"{enc['answer_tokens_cut']} answer token(s) past max_length cut")
-    return {
-        "input_ids": enc["input_ids"],
-        "labels": enc["labels"],
-        "pixel_values": None if image is None else image_transform(image),
-    }
+    if image is not None and image_transform is not None:
+        image = image_transform(image)
+    return {"input_ids": enc["input_ids"], "labels": enc["labels"], image_key: image}
 
 
 def record_length(rec: Record) -> int:
@@ -439,6 +449,18 @@ def record_length(rec: Record) -> int:
     return n if rec.image is not None else -n
 
 
+def read_record_image(rec: Record) -> Image.Image | None:
+    """The record's decoded image (None for a text-only record); SampleProblem if it cannot be read."""
+    if rec.image is None:
+        return None
+    if not isinstance(rec.image, Image.Image) and not Path(rec.image).is_file():
+        raise SampleProblem("missing image", str(rec.image))
+    try:
+        return load_image(rec.image)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+        raise SampleProblem("corrupt image", f"{rec.image}: {e!r}") from None
+
+
 class MultimodalDataset(Dataset):
     """Records -> ``{"input_ids", "labels", "pixel_values"}``; a bad sample gives None.
 
@@ -446,6 +468,9 @@ class MultimodalDataset(Dataset):
     Failures to read an image (missing, corrupt) or to encode (ValueError: no answer, image
     does not fit, ...) are counted in ``skips`` and logged; ``collate`` drops the Nones. Other
     exceptions are bugs and propagate.
+
+    With ``features`` (a ``mmalign.data.features.FeatureLookup``) record i's image is its cached
+    frozen features instead (``image_features``; the view of the epoch set by ``set_epoch``).
     """
 
     def __init__(
@@ -455,11 +480,18 @@ class MultimodalDataset(Dataset):
         image_transform: Callable[[Image.Image], Any],
         *,
         skips: SkipCounter | None = None,
+        features: Any = None,
     ) -> None:
         self.records = records
         self.encode_fn = encode_fn
         self.image_transform = image_transform
         self.skips = skips if skips is not None else SkipCounter()
+        self.features = features
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose cached view each record gets (no effect without ``features``)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
@@ -476,14 +508,14 @@ class MultimodalDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         rec = self.records[index]
         where = rec.key or f"record #{index}"
-        image = None
-        if rec.image is not None:
-            if not isinstance(rec.image, Image.Image) and not Path(rec.image).is_file():
-                self.skips.add("missing image", where, str(rec.image))
-                return None
-            try:
-                image = load_image(rec.image)
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-                self.skips.add("corrupt image", where, f"{rec.image}: {e!r}")
-                return None
-        return encode_sample(rec, image, self.encode_fn, self.image_transform, self.skips, where)
+        try:
+            if self.features is None:
+                image = read_record_image(rec)
+            else:
+                image = None if rec.image is None else self.features.get(index, self.epoch)
+        except SampleProblem as problem:
+            self.skips.add(problem.reason, where, problem.detail)
+            return None
+        if self.features is None:
+            return encode_sample(rec, image, self.encode_fn, self.image_transform, self.skips, where)
+        return encode_sample(rec, image, self.encode_fn, None, self.skips, where, image_key="image_features")

@@ -43,7 +43,14 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
-from mmalign.data.sources import CaptionRecord, MultimodalDataset, SkipCounter, encode_sample, load_image
+from mmalign.data.sources import (
+    CaptionRecord,
+    MultimodalDataset,
+    SampleProblem,
+    SkipCounter,
+    encode_sample,
+    load_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +172,11 @@ def _header_ok(h: bytes) -> bool:
     return chk in (unsigned, unsigned - 2 * sum(b for b in h[:148] + h[156:] if b > 127))
 
 
-def _local_members(path: str) -> Iterator[str]:
-    """Names of the regular members of a local uncompressed tar whose data is all there, read
-    from the 512-byte headers alone (``tarfile`` parses far more and is ~15x slower). Ends where
-    ``tarfile`` ends an archive: a zero, short or bad-checksum header; pax ``path`` / GNU long
-    names honoured."""
+def local_members(path: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of the regular members of a local uncompressed tar whose data is
+    all there, read from the 512-byte headers alone (``tarfile`` parses far more and is ~15x
+    slower). Ends where ``tarfile`` ends an archive: a zero, short or bad-checksum header; pax
+    ``path`` / GNU long names honoured."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         off, long_name = 0, None
@@ -195,7 +202,7 @@ def _local_members(path: str) -> Iterator[str]:
                 name = h[:100].split(b"\0", 1)[0]
                 if h[257:262] == b"ustar" and h[345:500].strip(b"\0"):
                     name = h[345:500].split(b"\0", 1)[0] + b"/" + name
-                yield long_name if long_name is not None else name.decode("utf-8", "surrogateescape")
+                yield long_name if long_name is not None else name.decode("utf-8", "surrogateescape"), off + 512, n
                 long_name = None
             elif kind != b"g":
                 long_name = None
@@ -225,7 +232,8 @@ def count_shard_samples(url: str) -> int:
     local = os.path.isfile(url) and url.endswith(".tar")
     n, last = 0, None
     try:
-        for name in _local_members(url) if local else _streamed_members(url):
+        members = (name for name, _, _ in local_members(url)) if local else _streamed_members(url)
+        for name in members:
             if "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix):
                 continue
             if _SKIP_META.match(name):
@@ -335,6 +343,17 @@ class ShardStream(StreamDataset):
         if not shards:
             log.warning("rank %d worker %d of %d has no shards this epoch", self.rank, worker, num_workers)
             return
+        raw = self.raw_samples(shards)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(f"shuffle:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+            raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
+        for i, sample in enumerate(raw):
+            if i >= skip:
+                yield self._decode(sample)
+
+    def raw_samples(self, shards: list[str]) -> Iterator[dict[str, Any]]:
+        """The undecoded samples of ``shards`` in order; a shard that is not a tar, cut short or
+        unreadable is counted and named once (the samples a cut-off one still holds are used)."""
         reported: set[str] = set()
 
         def opened(urls: list[str]) -> Iterator[dict[str, str]]:
@@ -354,39 +373,52 @@ class ShardStream(StreamDataset):
                 self.skips.add(_tar_error_reason(exn), url, repr(exn)[:300])
             return True
 
-        raw: Iterator[dict[str, Any]] = wds.tarfile_samples(opened(shards), handler=handler)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(f"shuffle:{self.seed}:{self.epoch}:{self.rank}:{worker}")
-            raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
-        for i, sample in enumerate(raw):
-            if i >= skip:
-                yield self._decode(sample)
+        return wds.tarfile_samples(opened(shards), handler=handler)
 
     def _decode(self, s: dict[str, Any]) -> dict[str, Any] | None:
-        where = f"{s.get('__url__', '?')}:{s['__key__']}"
-        text = s.get(self.text_key)
-        if text is None:
-            self.skips.add("missing caption", where, f"no .{self.text_key} in {sorted(k for k in s if k[:2] != '__')}")
-            return None
+        where = sample_where(s)
         try:
-            caption = text.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            self.skips.add("bad caption", where, repr(e))
-            return None
-        if not caption:
-            self.skips.add("empty caption", where)
-            return None
-        ext = next((k for k in IMAGE_EXTS if k in s), None)
-        if ext is None:
-            self.skips.add("missing image", where, f"no .jpg/.png/.webp in {sorted(k for k in s if k[:2] != '__')}")
-            return None
-        try:
-            image = load_image(io.BytesIO(s[ext]))
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-            self.skips.add("corrupt image", where, _BYTES_IO.sub(f"{where}.{ext}", repr(e))[:300])
+            caption = read_caption(s, self.text_key)
+            image = read_shard_image(s)
+        except SampleProblem as problem:
+            self.skips.add(problem.reason, where, problem.detail)
             return None
         rec = CaptionRecord(image=image, caption=caption, key=where)
         return encode_sample(rec, image, self.encode_fn, self.image_transform, self.skips, where)
+
+
+def sample_where(s: dict[str, Any]) -> str:
+    """``shard.tar:key``, how messages name a shard sample."""
+    return f"{s.get('__url__', '?')}:{s['__key__']}"
+
+
+def _members(s: dict[str, Any]) -> list[str]:
+    return sorted(k for k in s if k[:2] != "__")
+
+
+def read_caption(s: dict[str, Any], text_key: str = "txt") -> str:
+    """A shard sample's caption; SampleProblem when it is missing, not UTF-8 or empty."""
+    text = s.get(text_key)
+    if text is None:
+        raise SampleProblem("missing caption", f"no .{text_key} in {_members(s)}")
+    try:
+        caption = text.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise SampleProblem("bad caption", repr(e)) from None
+    if not caption:
+        raise SampleProblem("empty caption")
+    return caption
+
+
+def read_shard_image(s: dict[str, Any]) -> Image.Image:
+    """A shard sample's decoded image; SampleProblem when it is missing or corrupt."""
+    ext = next((k for k in IMAGE_EXTS if k in s), None)
+    if ext is None:
+        raise SampleProblem("missing image", f"no .jpg/.png/.webp in {_members(s)}")
+    try:
+        return load_image(io.BytesIO(s[ext]))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+        raise SampleProblem("corrupt image", _BYTES_IO.sub(f"{sample_where(s)}.{ext}", repr(e))[:300]) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,6 +434,10 @@ class IndexStream(StreamDataset):
         super().__init__(seed=seed, rank=rank, world=world)
         self.dataset = dataset
         self.skips = dataset.skips
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.dataset.set_epoch(epoch)  # the cached view of each record, with a feature cache
 
     def _order(self, worker: int, num_workers: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)

@@ -9,6 +9,7 @@ accelerate, which would re-shard it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -76,9 +77,11 @@ class BatchSource:
         pad_id: int,
         num_workers: int = 0,
         order: Callable[[int], list[int]] | None = None,
+        pack_tokens: int | None = None,
     ) -> None:
+        """``pack_tokens``: pack each batch into rows of that many tokens (``mmalign.data.collate.pack``)."""
         self.dataset, self.state, self.batch_size, self.pad_id = dataset, state, batch_size, pad_id
-        self.num_workers = num_workers
+        self.num_workers, self.pack_tokens = num_workers, pack_tokens
         self.streamed = isinstance(dataset, IterableDataset)
         self.sampler = (
             None
@@ -122,9 +125,9 @@ class BatchSource:
         base seed at iter(), and a draw from the global torch RNG (checkpointed) would change a
         resumed run's dropout."""
         epoch, consumed = self.state.epoch, self.state.consumed
+        if hasattr(self.dataset, "set_epoch"):  # streams; a map-style dataset's cached views per epoch
+            self.dataset.set_epoch(epoch)
         if self.streamed:
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)
             if hasattr(self.dataset, "set_resume"):
                 self.dataset.set_resume(consumed, self.batch_size)
         else:
@@ -134,7 +137,7 @@ class BatchSource:
             batch_size=self.batch_size,
             sampler=self.sampler,
             num_workers=self.num_workers,
-            collate_fn=lambda b: collate(b, self.pad_id),
+            collate_fn=partial(collate, pad_token_id=self.pad_id, pack_tokens=self.pack_tokens),
             drop_last=False,
             generator=torch.Generator().manual_seed(self.state.seed + epoch + 1000 * self.state.rank),
         )

@@ -240,6 +240,15 @@ def _outermost_blocks(model: torch.nn.Module, classes: set[str]) -> list[torch.n
     return [model.get_submodule(name) for name in chosen]
 
 
+def _projector_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The projector, a unit of its own: from a feature cache the stage projects the cached features
+    before the root's forward (``mmalign.model.inputs``), where only a unit's own hooks unshard it."""
+    from mmalign.model.architectures import architecture_of
+
+    names = [p.rstrip(".") for p in architecture_of(model).roles["projector"]]
+    return [model.get_submodule(name) for name in names]
+
+
 def _fsdp_settings() -> dict[str, Any]:
     """The launcher's FSDP settings (accelerate's FSDP_* variables) this engine implements; the
     ones it does not are refused by name rather than ignored."""
@@ -296,6 +305,8 @@ class FSDPEngine(Engine):
         }
         for block in _outermost_blocks(model, set(self.settings["wrap"] or fsdp_wrap_classes(model))):
             fully_shard(block, **options)
+        for projector in _projector_modules(model):
+            fully_shard(projector, **options)
         fully_shard(model, **options)
         sharded = dict(model.named_parameters())  # new Parameter objects (DTensors): point the optimizer at them
         for group in optimizer.param_groups:

@@ -29,7 +29,8 @@ class StepTotals:
     def add(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
         answer_tokens = int((batch["labels"] != -100).sum())
         self.sums += torch.tensor(
-            [loss.item() / self.accum, answer_tokens, len(batch["input_ids"])], dtype=torch.float64
+            [loss.item() / self.accum, answer_tokens, batch.get("num_samples", len(batch["input_ids"]))],
+            dtype=torch.float64,
         )
 
 

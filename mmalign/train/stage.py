@@ -19,10 +19,12 @@ import torch
 from torch.utils.data import Dataset
 
 from mmalign.config import RunConfig, recipe_departures, to_dict, with_recipe_defaults
-from mmalign.data.build import check_data, dataset_from_config, sampler_from_config
+from mmalign.data.build import check_data, dataset_from_config, pack_tokens_of, sampler_from_config
 from mmalign.data.stream import merge_summaries
 from mmalign.model import check_image_tokens, image_transform_for, load_trainable, model_from_config, num_image_tokens
 from mmalign.model.checkpoint import save_tensors
+from mmalign.model.features import cached_part_trains, feature_fingerprint
+from mmalign.model.inputs import training_inputs
 from mmalign.train.batches import BatchSource
 from mmalign.train.engines import make_engine
 from mmalign.train.lora import prepare_quantized
@@ -45,6 +47,11 @@ from mmalign.train.trainable import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def stage_image_transform(cfg: RunConfig, model: Any) -> Any:
+    """The transform a stage's training images go through (the feature cache's too)."""
+    return image_transform_for(model)
 
 
 def train(cfg: RunConfig) -> Path:
@@ -103,6 +110,13 @@ class StageRun:
             load_trainable(model, self.cfg.model.init_trainable, strict=False)
             log.info("initialised from %s", self.cfg.model.init_trainable)
         self.frozen = freeze_for_stage(model, self.cfg, self.is_main).frozen_modules(model)
+        trains = cached_part_trains(model) if self.cfg.data.features else []
+        if trains:
+            raise ValueError(
+                f"data.features={self.cfg.data.features}: train.trainable={self.train_cfg.trainable} trains "
+                f"{trains[0]} (and {len(trains) - 1} more) of the frozen part the cache replaces; "
+                "train from images (data.features=null)"
+            )
         if self.train_cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         check_trainable_precision(model, self.cfg)
@@ -111,16 +125,22 @@ class StageRun:
         self.model, self.model_config = model, model.config
 
     def build_dataset(self) -> Dataset:
-        """This rank's dataset (map-style, or a stream that splits by rank itself)."""
+        """This rank's dataset (map-style, or a stream that splits by rank itself); with
+        ``data.features`` the cached features of exactly this model's frozen part and transform."""
+        transform = stage_image_transform(self.cfg, self.model)
+        fingerprint = None
+        if self.cfg.data.features:
+            fingerprint = feature_fingerprint(self.model, transform, self.train_cfg.mixed_precision)
         return dataset_from_config(
             self.cfg.data,
             self.tokenizer,
             num_image_tokens(self.model_config),
-            image_transform_for(self.model),
+            transform,
             seed=self.train_cfg.seed,
             batch_size=self.train_cfg.batch_size,
             rank=self.state.rank,
             world=self.state.world,
+            fingerprint=fingerprint,
         )
 
     def setup_data(self) -> None:
@@ -136,6 +156,7 @@ class StageRun:
             pad_id=self.tokenizer.pad_token_id,
             num_workers=self.cfg.data.num_workers,
             order=grouped.epoch_order if grouped else None,
+            pack_tokens=pack_tokens_of(self.cfg.data),
         )
 
     def setup_optimizer(self) -> None:
@@ -176,9 +197,9 @@ class StageRun:
         """Called with each usable batch before its forward (tests stop a run here at a chosen batch)."""
 
     def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
-        n_images = 0 if batch["pixel_values"] is None else len(batch["pixel_values"])
-        check_image_tokens(batch["input_ids"], n_images, self.model_config)
-        inputs = {k: v.to(self.accelerator.device) for k, v in batch.items() if v is not None}
+        images = batch.get("image_features", batch["pixel_values"])
+        check_image_tokens(batch["input_ids"], 0 if images is None else len(images), self.model_config)
+        inputs = training_inputs(self.engine.module, batch, self.accelerator.device)
         with self.engine.accumulate(self.model):
             loss = self.model(**inputs).loss
             self.engine.backward(loss)
