@@ -29,6 +29,7 @@ from train_helpers import (
 )
 
 from mmalign.config import to_dict
+from mmalign.data import DataError
 from mmalign.data.sampling import LengthGroupedSampler
 from mmalign.model.checkpoint import WEIGHTS
 from mmalign.train.batches import ResumableSampler
@@ -453,3 +454,47 @@ def test_an_epoch_without_any_usable_batch_stops_with_an_error(tmp_path, model_d
     cfg = config(model_dir, data, tmp_path / "run", "data.source=captions", "train.max_steps=2")
     with pytest.raises(RuntimeError, match="no usable batch"):
         train(cfg)
+
+
+def _resume_matches(model_dir, data, tmp_path, *common):
+    """Run A uninterrupted; run B killed mid-epoch after checkpoint-4, then resumed: same losses."""
+    a_out, b_out = tmp_path / "a", tmp_path / "b"
+    train(config(model_dir, data, a_out, *common))
+    train_killed_at_batch(6, config(model_dir, data, b_out, *common))
+    assert latest_checkpoint(b_out) == b_out / "checkpoint-4"
+    train(config(model_dir, data, b_out, *common))
+    la, lb = losses_by_step(a_out), losses_by_step(b_out)
+    assert sorted(lb) == list(range(1, 9))
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], abs=1e-5), (step, la, lb)
+
+
+@pytest.mark.parametrize("variant", ["json features", "shard features", "packing"])
+def test_resume_mid_epoch_with_cached_features_or_packing(tmp_path, model_dir, variant):
+    from train_helpers import caption_shards
+
+    from mmalign.train.feature_cache import cache_features
+
+    common = ["train.max_steps=8", "train.save_every=4", "train.plot=false", "train.warmup_steps=2", "train.lr=1e-3"]
+    if variant == "shard features":
+        data = caption_shards(tmp_path / "shards", shards=2, per_shard=3)
+    else:
+        data = caption_data(tmp_path / "data", n=5)  # batch 2: 3 batches per epoch, step 4 is mid-epoch 2
+    if variant == "packing":  # conversations draw an instruction per sample: the RNG resumes too
+        common += ["data.source=conversations", "data.packing=true", "data.pack_tokens=160"]
+    else:
+        cache = cache_features(config(model_dir, data, tmp_path / "unused"), tmp_path / "cache")
+        common.append(f"data.features={cache.folder}")
+    _resume_matches(model_dir, data, tmp_path, *common)
+
+
+def test_packed_batches_train_as_padded_ones(tmp_path, model_dir):
+    data = caption_data(tmp_path / "data", n=5)
+    common = ("data.source=conversations", "train.max_steps=4", "train.batch_size=3", "train.plot=false")
+    train(config(model_dir, data, tmp_path / "padded", *common))
+    train(config(model_dir, data, tmp_path / "packed", *common, "data.packing=true", "data.pack_tokens=200"))
+    padded, packed = metrics(tmp_path / "padded"), metrics(tmp_path / "packed")
+    for a, b in zip(padded, packed):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["answer_tokens"] == a["answer_tokens"]
+    with pytest.raises(DataError, match="data.pack_tokens=100 is below data.max_length=160"):
+        train(config(model_dir, data, tmp_path / "bad", *common, "data.packing=true", "data.pack_tokens=100"))

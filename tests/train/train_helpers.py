@@ -73,3 +73,20 @@ def metrics(out: Path) -> list[dict]:
 def losses_by_step(out: Path) -> dict[int, float]:
     """The last logged loss of each step (a resumed run re-logs the steps after its checkpoint)."""
     return {m["step"]: m["loss"] for m in metrics(out)}
+
+
+def caption_shards(root: Path, shards: int = 2, per_shard: int = 3, corrupt: frozenset[str] = frozenset()) -> Path:
+    """img2dataset-layout shards (key.jpg + key.txt); the keys in ``corrupt`` get half a JPEG."""
+    import io
+
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with wds.TarWriter(str(root / f"{s:05d}.tar")) as sink:
+            for j in range(per_shard):
+                key, buf = f"{s:05d}{j:04d}", io.BytesIO()
+                Image.new("RGB", (40, 40), COLORS[(s + j) % len(COLORS)]).save(buf, "JPEG")
+                jpg = buf.getvalue()[: len(buf.getvalue()) // 2] if key in corrupt else buf.getvalue()
+                sink.write({"__key__": key, "jpg": jpg, "txt": CAPTIONS[(s + j) % len(CAPTIONS)]})
+    return root
