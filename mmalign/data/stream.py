@@ -169,7 +169,9 @@ def _header_ok(h: bytes) -> bool:
     except ValueError:
         return False
     unsigned = sum(h[:148]) + 256 + sum(h[156:])
-    return chk in (unsigned, unsigned - 2 * sum(b for b in h[:148] + h[156:] if b > 127))
+    if chk == unsigned:  # the common case; the signed sum costs a Python loop over the block
+        return True
+    return chk == unsigned - 2 * sum(b for b in h[:148] + h[156:] if b > 127)
 
 
 def local_members(path: str) -> Iterator[tuple[str, int, int]]:
