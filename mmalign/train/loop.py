@@ -35,10 +35,10 @@ from mmalign.data.stream import merge_summaries
 from mmalign.model import (
     apply_freeze,
     check_image_tokens,
-    image_transform_for,
     load_trainable,
     model_from_config,
     num_image_tokens,
+    train_image_transform,
 )
 from mmalign.model.checkpoint import save_tensors
 from mmalign.model.freeze import role_of
@@ -239,7 +239,7 @@ def _train(cfg: RunConfig, accelerator, accum: int) -> Path:
         cfg.data,
         tokenizer,
         n_img,
-        image_transform_for(model),
+        train_image_transform(model, cfg),  # data.train_transform (the recipe's), else the eval transform
         seed=tc.seed,
         batch_size=tc.batch_size,
         rank=rank,
