@@ -92,7 +92,9 @@ def _answers(url: str, model: str, images: list[Image.Image]) -> list[str]:
         reply = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=12
         )
-        out.append(reply.choices[0].message.content.strip())
+        # a random tiny LLM emits byte tokens: an answer cut by max_tokens can end inside a UTF-8
+        # character, which vLLM's detokenizer holds back and mmalign's shows as U+FFFD
+        out.append(reply.choices[0].message.content.strip().rstrip("\ufffd"))
     return out
 
 
