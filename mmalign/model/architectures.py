@@ -3,8 +3,9 @@ needs to know about it, in one place. Adding an architecture is one new ``Archit
 
 The facts: where each part's parameters live (freezing policies, per-part learning rates, LoRA
 targets), which modules stay in full precision when the LLM is quantized, the published chat
-template, how many image tokens one image takes, where conversion writes each part, and whether
-the class's own ``generate`` can continue a prefilled cache.
+template, how many image tokens one image takes, the default eval image transform, where conversion
+writes each part, where the published checkpoints keep the vision tower, and whether the class's own
+``generate`` can continue a prefilled cache.
 """
 
 from __future__ import annotations
