@@ -3,8 +3,9 @@ needs to know about it, in one place. Adding an architecture is one new ``Archit
 
 The facts: where each part's parameters live (freezing policies, per-part learning rates, LoRA
 targets), which modules stay in full precision when the LLM is quantized, the published chat
-template, how many image tokens one image takes, where conversion writes each part, and whether
-the class's own ``generate`` can continue a prefilled cache.
+template, how many image tokens one image takes, the default eval image transform, where conversion
+writes each part, where the published checkpoints keep the vision tower, and whether the class's own
+``generate`` can continue a prefilled cache.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ class Architecture:
     default_template: str  # the published chat template
     conversion_prefixes: Mapping[str, str]  # convert.py's {vision} {projector} {text} {lm_head}
     count_image_tokens: Callable[[Any], int]  # config -> IMAGE_TOKEN copies per image
-    image_resize: Literal["square", "shortest_edge_crop"]  # the eval transform's geometry
+    eval_transform: Literal["resize", "center_crop"]  # the default eval image transform (processing.py)
+    # where the vision tower's tensors sit in an exported checkpoint, when the published layout
+    # (llava-hf, which vLLM reads) nests them one level deeper than transformers 5 builds them
+    tower_prefix: str | None = None
     # Blip2's generate() scatters the given images over *every* image token of the sequence, so it
     # cannot continue a cache that already holds earlier images (chat.generate works around it)
     generate_continues_cache: bool = True
@@ -74,7 +78,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "lm_head": "language_model.lm_head.weight",
             },
             count_image_tokens=lambda config: config.num_query_tokens,
-            image_resize="square",
+            eval_transform="resize",  # blip2_image_eval
             generate_continues_cache=False,
         ),
         Architecture(
@@ -90,7 +94,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "lm_head": "lm_head.weight",
             },
             count_image_tokens=lambda config: _patch_tokens(config) // config.merge_tokens,
-            image_resize="square",
+            eval_transform="resize",
         ),
         Architecture(
             model_type="llava",
@@ -105,7 +109,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "lm_head": "lm_head.weight",
             },
             count_image_tokens=_patch_tokens,
-            image_resize="shortest_edge_crop",
+            eval_transform="center_crop",  # llava-hf's CLIPImageProcessor
+            tower_prefix="model.vision_tower.",  # -> vision_tower.vision_model.* as llava-hf/llava-1.5-7b-hf
         ),
     )
 }

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from mmalign.config import RunConfig, recipe_departures, to_dict, with_recipe_defaults
 from mmalign.data.build import check_data, dataset_from_config, sampler_from_config
 from mmalign.data.stream import merge_summaries
-from mmalign.model import check_image_tokens, image_transform_for, load_trainable, model_from_config, num_image_tokens
+from mmalign.model import check_image_tokens, load_trainable, model_from_config, num_image_tokens, train_image_transform
 from mmalign.model.checkpoint import save_tensors
 from mmalign.train.batches import BatchSource
 from mmalign.train.engines import make_engine
@@ -116,7 +116,7 @@ class StageRun:
             self.cfg.data,
             self.tokenizer,
             num_image_tokens(self.model_config),
-            image_transform_for(self.model),
+            train_image_transform(self.model, self.cfg),
             seed=self.train_cfg.seed,
             batch_size=self.train_cfg.batch_size,
             rank=self.state.rank,
