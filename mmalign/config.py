@@ -55,6 +55,10 @@ class DataConfig:
     mix: Literal["sample", "batch"] = "sample"  # a source drawn per sample | per batch (MiniGPT-4)
     shuffle_buffer: int = 1000  # samples shuffled in memory per DataLoader worker (webdataset shards)
     group_by_length: bool = False  # map-style conversations: batches of similar length, one modality each
+    # image transforms (mmalign.model.processing); None: the recipe's for the stage, else the model's own
+    # (recorded in model.path's folder, else its architecture's); the train transform falls back to the eval one
+    train_transform: Literal["resize", "center_crop", "pad_to_square", "random_resized_crop"] | None = None
+    eval_transform: Literal["resize", "center_crop", "pad_to_square"] | None = None  # recorded by the export
     features: str | None = None  # a frozen-feature cache (mmalign cache-features) read instead of the images
     packing: bool = False  # place each batch's samples whole into rows of pack_tokens (no padding to the longest)
     pack_tokens: int | None = None  # the token budget of a packed row; None: max_length
@@ -178,16 +182,20 @@ FALLBACKS = {"data.template": "minigpt4_v0", "data.caption_format": "minigpt4_ca
 
 
 def _recipe_values(cfg: RunConfig) -> dict[str, str]:
-    """The recipe's value for each field of ``FALLBACKS`` (the fallbacks without a recipe)."""
+    """The recipe's value for each field of ``FALLBACKS`` and the image transforms (the fallbacks
+    without a recipe; the transforms then stay unset: the model's own)."""
     if not cfg.model.recipe:
         return dict(FALLBACKS)
     from mmalign.recipes import get_recipe
 
     recipe = get_recipe(cfg.model.recipe)
+    policy, images = recipe.policy_for(cfg.train.stage), recipe.images_for(cfg.train.stage)
     return {
         "data.template": recipe.template,
         "data.caption_format": recipe.caption_format,
-        "train.trainable": recipe.policy_for(cfg.train.stage),
+        "data.train_transform": images.train,
+        "data.eval_transform": images.eval,
+        "train.trainable": policy,
     }
 
 
@@ -200,8 +208,8 @@ def with_fallbacks(section: DataConfig | TrainConfig) -> DataConfig | TrainConfi
 
 
 def with_recipe_defaults(cfg: RunConfig) -> RunConfig:
-    """A copy of ``cfg`` whose unset template, caption format and freezing policy are the
-    recipe's, so a stage config need not repeat its recipe (and cannot silently disagree with it:
+    """A copy of ``cfg`` whose unset template, caption format, image transforms and freezing
+    policy are the recipe's, so a stage config need not repeat its recipe (and cannot silently disagree with it:
     see ``recipe_departures``)."""
     out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data), train=dataclasses.replace(cfg.train))
     for key, value in _recipe_values(cfg).items():

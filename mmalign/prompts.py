@@ -430,47 +430,51 @@ def encode_user_turn(
 # Hugging Face chat template (Jinja), for users of plain transformers
 
 
-def chat_template(template: str | Template) -> str:
-    """A Jinja chat template that renders ``tokenizer.apply_chat_template`` messages exactly as
-    this module renders the same turns as text (BOS as text, each image as the template's image
-    marker holding one ``IMAGE_TOKEN``). A ``system`` message replaces the template's default.
+def chat_template(template: str | Template, image_tokens: int = 1) -> str:
+    """A Jinja chat template that renders ``apply_chat_template`` messages exactly as this module
+    renders the same turns as text: BOS as text, each image as the template's image marker holding
+    ``image_tokens`` copies of ``IMAGE_TOKEN``. A ``system`` message replaces the template's default.
 
-    For plain-transformers users of an exported folder; mmalign itself encodes segment by
-    segment (``build_generation_prompt``). The processor (Llava) or the caller (Blip2: repeat
-    ``IMAGE_TOKEN`` ``num_query_tokens`` times) expands the one image token.
+    For users of an exported folder (plain transformers, vLLM); mmalign itself encodes segment by
+    segment (``build_generation_prompt``). A Llava processor expands one image token itself
+    (``image_tokens=1``); Blip2's does not, so its template writes all ``num_query_tokens``. The
+    user content is a loop over its parts, which is how vLLM recognises the "openai" content
+    format (with "string" it flattens the parts itself and drops the marker around the image).
     """
     t = get_template(template)
     if not t.chat:
         raise ValueError(f"{t.name!r} is a caption format, not a chat template")
     q = json.dumps  # Jinja string literals (JSON strings are valid Jinja strings)
     sys_pre, sys_post = t.system_format.split("{system}")
-    marker = t.image_marker.replace(t.image_placeholder, IMAGE_TOKEN)
+    marker = t.image_marker.replace(t.image_placeholder, IMAGE_TOKEN * image_tokens)
     default_sys = t.no_system if t.system is None else t.system_format.format(system=t.system)
     first_user = "u + s" if t.system_in_first_user else "s + u"
+    texts = "selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')"
     return (
         "{%- set u = " + q(t.user_prefix) + " -%}"
         "{%- set s = " + q(default_sys) + " -%}"
         "{%- set turns = messages -%}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set c = messages[0]['content'] -%}"
-        "{%- if c is not string -%}{%- set c = c | selectattr('type', 'equalto', 'text')"
-        " | map(attribute='text') | join('') -%}{%- endif -%}"
+        "{%- if c is not string -%}{%- set c = c | " + texts + " -%}{%- endif -%}"
         "{%- set s = " + q(sys_pre) + " + c + " + q(sys_post) + " -%}"
         "{%- set turns = messages[1:] -%}"
         "{%- endif -%}" + ("{{- bos_token -}}" if t.add_bos else "") + "{%- for m in turns -%}"
         "{%- if m['role'] == 'user' -%}"
         "{%- if loop.first -%}{{- " + first_user + " -}}{%- else -%}{{- " + q(t.turn_sep) + " + u -}}{%- endif -%}"
         "{%- if m['content'] is string -%}{{- m['content'] -}}{%- else -%}"
-        "{%- set n = m['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
-        "{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
-        " | join(' ') | trim -%}"
-        "{{- " + q(marker) + " * n -}}"
-        "{%- if n and text -%}{{- " + q(t.image_marker_sep) + " -}}{%- endif -%}{{- text -}}"
+        "{%- set ns = namespace(images=0, texts=[]) -%}"
+        "{%- for part in m['content'] -%}"
+        "{%- if part['type'] in ('image', 'image_url') -%}{%- set ns.images = ns.images + 1 -%}"
+        "{%- elif part['type'] == 'text' -%}{%- set ns.texts = ns.texts + [part['text']] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set text = ns.texts | join(' ') | trim -%}"
+        "{{- " + q(marker) + " * ns.images -}}"
+        "{%- if ns.images and text -%}{{- " + q(t.image_marker_sep) + " -}}{%- endif -%}{{- text -}}"
         "{%- endif -%}"
         "{%- if not loop.last or add_generation_prompt -%}{{- " + q(t.assistant_prefix) + " -}}{%- endif -%}"
         "{%- elif m['role'] == 'assistant' -%}"
-        "{%- set c = m['content'] if m['content'] is string else m['content'] | selectattr('type', 'equalto',"
-        " 'text') | map(attribute='text') | join('') -%}"
+        "{%- set c = m['content'] if m['content'] is string else m['content'] | " + texts + " -%}"
         "{{- " + q(t.answer_prefix) + " + c + " + q(t.turn_end) + " -}}"
         "{%- endif -%}"
         "{%- endfor -%}"

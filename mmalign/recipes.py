@@ -2,7 +2,8 @@
 
 A recipe is data, and every field is read: ``spec`` builds the model, ``template`` and
 ``caption_format`` are the defaults of a stage config's ``data.template`` / ``data.caption_format``,
-``stage_policies[train.stage]`` the default of ``train.trainable`` (``mmalign.config`` fills them in;
+``stage_policies[train.stage]`` the default of ``train.trainable``, ``stage_images[train.stage]``
+those of ``data.train_transform`` / ``data.eval_transform`` (``mmalign.config`` fills them in;
 ``tests/test_recipes.py`` checks that each shipped YAML agrees with its recipe). Nothing in the code
 branches on a recipe's name. Backbones are hub ids or local folders (any of them can be overridden
 on the command line, e.g. ``model.llm=/data/vicuna-7b``), or config dicts for tests.
@@ -47,20 +48,37 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class StageImages:
+    """The image transforms of a stage (names in ``mmalign.model.processing.TRANSFORMS``)."""
+
+    train: str  # data.train_transform: what the training data goes through
+    eval: str  # data.eval_transform: evaluation, chat, the server, the exported processor
+
+
+# MiniGPT-4 trains both stages with blip2_image_train and evaluates / chats with blip2_image_eval
+MINIGPT4_IMAGES = StageImages(train="random_resized_crop", eval="resize")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     spec: ModelSpec
     template: str  # stage-2 / chat template (data.template)
     caption_format: str  # stage-1 format, no chat template (data.caption_format)
     stage_policies: dict[str, str] = field(default_factory=dict)  # train.stage -> freezing policy
+    stage_images: dict[str, StageImages] = field(default_factory=dict)  # train.stage -> image transforms
 
     def policy_for(self, stage: str) -> str:
+        return self._for_stage(self.stage_policies, stage, "policy")
+
+    def images_for(self, stage: str) -> StageImages:
+        return self._for_stage(self.stage_images, stage, "image transforms")
+
+    def _for_stage(self, table: dict[str, Any], stage: str, what: str) -> Any:
         try:
-            return self.stage_policies[stage]
+            return table[stage]
         except KeyError:
-            raise KeyError(
-                f"recipe {self.name!r} has no policy for stage {stage!r}; known: {sorted(self.stage_policies)}"
-            ) from None
+            raise KeyError(f"recipe {self.name!r} has no {what} for stage {stage!r}; known: {sorted(table)}") from None
 
 
 RECIPES: dict[str, Recipe] = {
@@ -74,6 +92,7 @@ RECIPES: dict[str, Recipe] = {
             "minigpt4_v0",
             "minigpt4_caption",
             {"stage1": "projector", "stage2": "projector"},
+            {"stage1": MINIGPT4_IMAGES, "stage2": MINIGPT4_IMAGES},
         ),
         Recipe(
             "minigpt4-vicuna13b",
@@ -81,6 +100,7 @@ RECIPES: dict[str, Recipe] = {
             "minigpt4_v0",
             "minigpt4_caption",
             {"stage1": "projector", "stage2": "projector"},
+            {"stage1": MINIGPT4_IMAGES, "stage2": MINIGPT4_IMAGES},
         ),
         Recipe(
             "minigpt4-llama2-7b",
@@ -96,6 +116,7 @@ RECIPES: dict[str, Recipe] = {
             "llama2",
             "minigpt4_caption",
             {"stage1": "projector", "stage2": "projector"},
+            {"stage1": MINIGPT4_IMAGES, "stage2": MINIGPT4_IMAGES},
         ),
         Recipe(
             "sharegpt4v-7b",
@@ -110,6 +131,13 @@ RECIPES: dict[str, Recipe] = {
             "vicuna_v1",
             "plain",
             {"stage1": "projector+llm+vision_late_half", "stage2": "projector+llm"},
+            # ShareGPT4V's pretrain script keeps LLaVA's default (image_aspect_ratio "square": CLIP's
+            # center crop); its finetune script pads (`--image_aspect_ratio pad`), and the final model
+            # is evaluated and served padded
+            {
+                "stage1": StageImages(train="center_crop", eval="center_crop"),
+                "stage2": StageImages(train="pad_to_square", eval="pad_to_square"),
+            },
         ),
         Recipe(
             "toy-minigpt4",
@@ -126,6 +154,9 @@ RECIPES: dict[str, Recipe] = {
             "minigpt4_v0",
             "minigpt4_caption",
             {"stage1": "projector", "stage2": "projector"},
+            # not MiniGPT-4's random crops: a toy caption names every shape and where it is, and a
+            # crop would cut shapes (and the grid cells the positions refer to) away
+            {"stage1": StageImages("resize", "resize"), "stage2": StageImages("resize", "resize")},
         ),
         Recipe(
             "toy-llava",
@@ -139,6 +170,7 @@ RECIPES: dict[str, Recipe] = {
             "minigpt4_v0",
             "plain",
             {"stage1": "projector", "stage2": "projector+llm"},
+            {"stage1": StageImages("center_crop", "center_crop"), "stage2": StageImages("center_crop", "center_crop")},
         ),
     )
 }

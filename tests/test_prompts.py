@@ -275,3 +275,41 @@ def test_training_system_is_llava_s_for_vicuna_v1_and_none_for_minigpt4(tiny_tok
             "input_ids"
         ]
         assert ("A chat between" in tiny_tokenizer.decode(ids)) == has_system
+
+
+def _loops_over_message_content(jinja: str) -> bool:
+    """vLLM's rule for the "openai" content format (``chat_utils._detect_content_format``), restated:
+    some ``for`` loop iterates over ``<m>['content']`` where ``<m>`` is the target of a loop over
+    ``messages`` or over a variable assigned from it (``set turns = messages[1:]``)."""
+    from jinja2 import Environment, nodes
+
+    def base_name(node):  # `messages`, `messages[1:]`, `messages | x` -> "messages"
+        while isinstance(node, (nodes.Filter, nodes.Getitem)) and not (
+            isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const)
+        ):
+            node = node.node
+        return node.name if isinstance(node, nodes.Name) else None
+
+    ast = Environment(extensions=["jinja2.ext.loopcontrols"]).parse(jinja)
+    lists = {"messages"} | {a.target.name for a in ast.find_all(nodes.Assign) if base_name(a.node) == "messages"}
+    items = {f.target.name for f in ast.find_all(nodes.For) if base_name(f.iter) in lists}
+    for loop in ast.find_all(nodes.For):
+        it = loop.iter
+        while isinstance(it, nodes.Filter):
+            it = it.node
+        if isinstance(it, nodes.Getitem) and isinstance(it.arg, nodes.Const) and it.arg.value == "content":
+            if isinstance(it.node, nodes.Name) and it.node.name in items:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("name", CHAT)
+def test_jinja_chat_template_loops_over_the_content_parts(name):
+    """So vLLM detects the "openai" content format and keeps the template's image marker."""
+    from mmalign.prompts import chat_template
+
+    assert _loops_over_message_content(chat_template(name))
+    filtered = (
+        "{%- for m in messages -%}{{- m['content'] | selectattr('type', 'equalto', 'text') | list -}}{%- endfor -%}"
+    )
+    assert not _loops_over_message_content(filtered)  # what the template did before: "string"

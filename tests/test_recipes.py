@@ -20,6 +20,8 @@ def test_each_shipped_config_agrees_with_its_recipe(path):
     assert full.train.trainable == recipe.policy_for(cfg.train.stage)
     assert full.data.caption_format == recipe.caption_format
     assert full.data.template == recipe.template
+    images = recipe.images_for(cfg.train.stage)
+    assert (full.data.train_transform, full.data.eval_transform) == (images.train, images.eval)
 
 
 def test_unset_fields_come_from_the_recipe_and_a_departure_is_named():
@@ -58,3 +60,29 @@ def test_every_recipe_names_a_known_architecture_and_template():
         get_template(recipe.template)
         get_template(recipe.caption_format)
         assert set(recipe.stage_policies) == {"stage1", "stage2"}
+
+
+def test_recipe_transforms_are_known_and_typed_as_the_config_s_choices():
+    import typing
+
+    from mmalign.config import DataConfig
+    from mmalign.model.processing import EVAL_TRANSFORMS, TRANSFORMS
+
+    hints = typing.get_type_hints(DataConfig)
+    assert typing.get_args(typing.get_args(hints["train_transform"])[0]) == TRANSFORMS
+    assert typing.get_args(typing.get_args(hints["eval_transform"])[0]) == EVAL_TRANSFORMS
+    for recipe in RECIPES.values():
+        assert set(recipe.stage_images) == set(recipe.stage_policies), recipe.name
+        for images in recipe.stage_images.values():
+            assert images.train in TRANSFORMS and images.eval in EVAL_TRANSFORMS, recipe.name
+    minigpt4 = get_recipe("minigpt4-vicuna7b").images_for("stage2")
+    assert (minigpt4.train, minigpt4.eval) == ("random_resized_crop", "resize")  # blip2_image_train / _eval
+    assert get_recipe("sharegpt4v-7b").images_for("stage2").eval == "pad_to_square"  # image_aspect_ratio pad
+
+
+def test_a_transform_that_departs_from_the_recipe_is_named():
+    cfg = load_config(None, ["model.recipe=minigpt4-vicuna7b", "data.train_transform=resize"])
+    (line,) = recipe_departures(cfg)
+    assert "data.train_transform=resize" in line and "random_resized_crop" in line
+    with pytest.raises(ValueError, match="data.eval_transform"):
+        load_config(None, ["data.eval_transform=random_resized_crop"])  # training only

@@ -82,7 +82,8 @@ def _untrained_toy(template: str | None, dtype: str, device: str) -> LoadedModel
 
     recipe = get_recipe("toy-minigpt4")
     model, tokenizer = build_model(recipe.spec, dtype=torch_dtype(dtype), device=device)
-    return LoadedModel.of(model, tokenizer, template or recipe.template, name=recipe.name)
+    transform = recipe.images_for("stage2").eval  # what the toy stage-2 export records
+    return LoadedModel.of(model, tokenizer, template or recipe.template, name=recipe.name, image_transform=transform)
 
 
 def toy_examples(folder: Path, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> list[str]:

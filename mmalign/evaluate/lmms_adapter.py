@@ -75,18 +75,20 @@ class MMAlignLMMS(_LMMSBase):
             self.batch_size = int(batch_size)
         except ValueError:
             raise ValueError(f"mmalign lmms-eval model needs a number for batch_size, got {batch_size!r}") from None
-        from mmalign.model import LoadedModel, load_model, template_of
+        from mmalign.model import LoadedModel
 
         if model is None:
             if pretrained is None:
                 raise ValueError("mmalign lmms-eval model needs pretrained=FOLDER_OR_HUB_ID")
-            model, tokenizer = load_model(
-                pretrained, dtype=dtype, device=device, attn_implementation=attn_implementation
-            )
-            template = template or template_of(pretrained)
-        if template is None:
+            loaded = LoadedModel.load(
+                pretrained, template=template, dtype=dtype, device=device, attn_implementation=attn_implementation
+            )  # the folder's recorded template and eval transform
+            model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
+        elif template is None:
             raise ValueError("pass template=... with a built model")
-        self.loaded = LoadedModel.of(model, tokenizer, template, name=pretrained or "")
+        else:
+            loaded = LoadedModel.of(model, tokenizer, template, name=pretrained or "")
+        self.loaded = loaded
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.image_transform = self.loaded.image_transform
         self.pretrained = pretrained

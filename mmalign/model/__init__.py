@@ -19,14 +19,20 @@ from mmalign.model.bundle import LoadedModel
 from mmalign.model.checkpoint import export, load_trainable, save_trainable
 from mmalign.model.compose import build_model
 from mmalign.model.freeze import POLICIES, FreezeReport, apply_freeze, eval_frozen
-from mmalign.model.loading import load_model, model_from_config, template_of
+from mmalign.model.loading import (
+    image_transform_of,
+    load_model,
+    model_from_config,
+    template_of,
+    train_image_transform,
+)
 from mmalign.model.patch_model import (
     MiniGPT4PatchConfig,
     MiniGPT4PatchForConditionalGeneration,
     MiniGPT4PatchModel,
     merge_patches,
 )
-from mmalign.model.processing import ImageTransform, image_processor_for, image_transform_for
+from mmalign.model.processing import TRANSFORMS, ImageTransform, image_processor_for, image_transform_for
 from mmalign.model.quantize import quantization_config, weight_bytes
 from mmalign.prompts import IMAGE_TOKEN
 from mmalign.recipes import ModelSpec
@@ -35,6 +41,7 @@ __all__ = [
     "ARCHITECTURES",
     "IMAGE_TOKEN",
     "POLICIES",
+    "TRANSFORMS",
     "Architecture",
     "FreezeReport",
     "ImageTransform",
@@ -51,6 +58,7 @@ __all__ = [
     "export",
     "image_processor_for",
     "image_transform_for",
+    "image_transform_of",
     "load_model",
     "load_trainable",
     "merge_patches",
@@ -59,5 +67,6 @@ __all__ = [
     "quantization_config",
     "save_trainable",
     "template_of",
+    "train_image_transform",
     "weight_bytes",
 ]

@@ -3,9 +3,10 @@ needs to know about it, in one place. Adding an architecture is one new ``Archit
 
 The facts: where each part's parameters live (freezing policies, per-part learning rates, LoRA
 targets), which modules stay in full precision when the LLM is quantized, the published chat
-template, how many image tokens one image takes, where conversion writes each part, whether
-the class's own ``generate`` can continue a prefilled cache, what a feature cache stores (the
-projector's input: what the frozen part computes) and how packed rows keep samples apart.
+template, how many image tokens one image takes, the default eval image transform, where conversion
+writes each part, where the published checkpoints keep the vision tower, whether the class's own
+``generate`` can continue a prefilled cache, what a feature cache stores (the projector's input:
+what the frozen part computes) and how packed rows keep samples apart.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Architecture:
     default_template: str  # the published chat template
     conversion_prefixes: Mapping[str, str]  # convert.py's {vision} {projector} {text} {lm_head}
     count_image_tokens: Callable[[Any], int]  # config -> IMAGE_TOKEN copies per image
-    image_resize: Literal["square", "shortest_edge_crop"]  # the eval transform's geometry
+    eval_transform: Literal["resize", "center_crop"]  # the default eval image transform (processing.py)
     # the frozen part a feature cache replaces: image -> the projector's input, [n, tokens, width]
     cached_roles: tuple[str, ...]
     frozen_features: Callable[[Any, Any], Any]  # (model, pixel_values) -> features
@@ -38,6 +39,9 @@ class Architecture:
     # attention_mask is None and no cache is built) or "block_mask" (a 4-D additive mask: Blip2's
     # forward replaces a missing mask by ones, so position ids alone would mix the samples)
     packed_attention: Literal["position_ids", "block_mask"]
+    # where the vision tower's tensors sit in an exported checkpoint, when the published layout
+    # (llava-hf, which vLLM reads) nests them one level deeper than transformers 5 builds them
+    tower_prefix: str | None = None
     # Blip2's generate() scatters the given images over *every* image token of the sequence, so it
     # cannot continue a cache that already holds earlier images (chat.generate works around it)
     generate_continues_cache: bool = True
@@ -128,7 +132,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "lm_head": "language_model.lm_head.weight",
             },
             count_image_tokens=lambda config: config.num_query_tokens,
-            image_resize="square",
+            eval_transform="resize",  # blip2_image_eval
             cached_roles=("vision", "qformer"),
             frozen_features=_qformer_queries,
             project_features=lambda model, features: model.language_projection(features),
@@ -149,7 +153,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "lm_head": "lm_head.weight",
             },
             count_image_tokens=lambda config: _patch_tokens(config) // config.merge_tokens,
-            image_resize="square",
+            eval_transform="resize",
             cached_roles=("vision",),
             frozen_features=_patch_selected,
             project_features=lambda model, features: list(model.model.multi_modal_projector(features)),
@@ -173,7 +177,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "lm_head": "lm_head.weight",
             },
             count_image_tokens=_patch_tokens,
-            image_resize="shortest_edge_crop",
+            eval_transform="center_crop",  # llava-hf's CLIPImageProcessor
+            tower_prefix="model.vision_tower.",  # -> vision_tower.vision_model.* as llava-hf/llava-1.5-7b-hf
             cached_roles=("vision",),
             frozen_features=_llava_selected,
             project_features=lambda model, features: list(model.model.multi_modal_projector(features)),

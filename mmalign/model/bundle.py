@@ -1,5 +1,5 @@
 """A model ready to answer: the model, its tokenizer, the chat template it was trained with and
-the image transform of its tower, kept together.
+the eval image transform it was trained for (recorded by ``export``), kept together.
 
 Every front end takes one: the chat session, the API server, the web demo, evaluation, the
 lmms-eval adapter, the toy main job and the CLI. Loading is one call (``LoadedModel.load``), so
@@ -16,8 +16,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmalign.model.architectures import Architecture, architecture_of, num_image_tokens
-from mmalign.model.loading import load_model, template_of
-from mmalign.model.processing import ImageTransform, image_transform_for
+from mmalign.model.loading import image_transform_of, load_model, template_of
+from mmalign.model.processing import ImageTransform, check_transform, image_transform_for
 from mmalign.prompts import Template, get_template
 
 
@@ -52,8 +52,10 @@ class LoadedModel:
         device: str | torch.device = "cpu",
         attn_implementation: str | None = None,
         load_in: str | None = None,
+        image_transform: str | None = None,
     ) -> LoadedModel:
-        """An exported folder / hub id with its recorded template (``template`` overrides it)."""
+        """An exported folder / hub id with its recorded template and eval image transform
+        (``template`` / ``image_transform`` override them)."""
         model, tokenizer = load_model(
             str(path_or_id),
             dtype=torch_dtype(dtype),
@@ -61,14 +63,23 @@ class LoadedModel:
             attn_implementation=attn_implementation,
             load_in=load_in,
         )
-        return cls.of(model, tokenizer, template or template_of(path_or_id), name=str(path_or_id))
+        template = template or template_of(path_or_id)
+        transform = image_transform or image_transform_of(path_or_id)
+        return cls.of(model, tokenizer, template, name=str(path_or_id), image_transform=transform)
 
     @classmethod
     def of(
-        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: str, name: str = ""
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        template: str,
+        name: str = "",
+        image_transform: str | None = None,
     ) -> LoadedModel:
-        """A model already in memory (built from a recipe, or just trained)."""
-        return cls(model, tokenizer, template, image_transform_for(model), name)
+        """A model already in memory (built from a recipe, or just trained); ``image_transform``
+        is an eval transform's name (default: the architecture's)."""
+        transform = image_transform_for(model, check_transform(image_transform) if image_transform else None)
+        return cls(model, tokenizer, template, transform, name)
 
     @property
     def architecture(self) -> Architecture:

@@ -8,7 +8,9 @@ A training checkpoint is a folder:
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlavaProcessor, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, LlavaProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
+from mmalign.model.architectures import architecture_of, grid_side, num_image_tokens
 from mmalign.model.loading import MMALIGN_META
-from mmalign.model.processing import image_processor_for
+from mmalign.model.processing import check_transform, default_eval_transform, image_processor_for
 from mmalign.prompts import IMAGE_TOKEN, chat_template, get_template
 
 WEIGHTS, META, STATE = "trainable.safetensors", "trainable.json", "state.pt"
@@ -104,44 +107,111 @@ def export(
     image_processor: Any = None,
     template: str | None = None,
     max_shard_size: int | str | None = None,
+    image_transform: str | None = None,
 ) -> Path:
-    """Write a complete folder (config, safetensors, tokenizer, preprocessor) that
-    ``from_pretrained`` loads: plain transformers for blip-2 / llava (a ``LlavaProcessor`` is
-    written too, so ``AutoProcessor`` and vLLM work); ``import mmalign.model`` for
-    minigpt4_patch. ``template`` (the chat template trained with) goes to ``mmalign.json``, and
-    a chat template, as Jinja, to the tokenizer / processor. ``max_shard_size`` (e.g. "5GB")
-    shards the safetensors (default: transformers')."""
+    """Write a complete folder that plain transformers (blip-2, llava; ``import mmalign.model``
+    for minigpt4_patch) and vLLM (llava) load as the published checkpoints of the class load.
+
+    ``template`` (default: the architecture's) and ``image_transform`` (the eval transform,
+    default: the architecture's) go to ``mmalign.json`` for mmalign's own loaders; the processor
+    gets the same transform and a Jinja chat template, so ``processor.apply_chat_template`` ->
+    ``processor(images=..., text=...)`` -> ``generate`` gives mmalign's ids (exactly one BOS) and
+    pixels. ``max_shard_size`` (e.g. "5GB") shards the safetensors (default: transformers')."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = merge_lora(model)  # a LoRA-trained model is exported as plain weights
-    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    jinja = None
-    if template is not None:
-        (out / MMALIGN_META).write_text(json.dumps({"template": template}, indent=1))
-        jinja = chat_template(template) if get_template(template).chat else None
-    image_processor = image_processor or image_processor_for(model)
-    config = model.config
-    if config.model_type == "llava":
-        vcfg = config.vision_config
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=vcfg.patch_size,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-            image_token=IMAGE_TOKEN,
-            # the CLS token a CLIP tower emits (dropped by "default"); SigLIP has none
-            num_additional_image_tokens=0 if "siglip" in vcfg.model_type else 1,
-            chat_template=jinja,
-        )
-        processor.save_pretrained(out)
-    else:
-        saved, tokenizer.chat_template = tokenizer.chat_template, jinja or tokenizer.chat_template
-        try:  # set only for the save: the caller's tokenizer is left as it was
-            tokenizer.save_pretrained(out)
-        finally:
-            tokenizer.chat_template = saved
-        image_processor.save_pretrained(out)
+    template = template or architecture_of(model).default_template
+    transform = check_transform(image_transform or default_eval_transform(model))
+    _name_text_architecture(model.config)
+    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, state_dict=published_state_dict(model), **shards)
+    (out / MMALIGN_META).write_text(json.dumps({"template": template, "image_transform": transform}, indent=1))
+    image_processor = image_processor or image_processor_for(model, transform)
+    processor = hf_processor(model.config, _without_own_bos(tokenizer), image_processor, template)
+    processor.save_pretrained(out)
     return out
 
 
-__all__ = ["save_trainable", "save_tensors", "load_trainable", "merge_lora", "export"]
+# transformers 5 builds CLIP / SigLIP vision models without their `vision_model` level (and puts it
+# back only when saving a model it loaded itself); llava-hf's published checkpoints have it, and so
+# does vLLM, which refuses `vision_tower.embeddings.*`
+NESTED_TOWERS = {"clip_vision_model": "vision_model.", "siglip_vision_model": "vision_model."}
+
+
+def published_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The state dict under the names of the published checkpoints of the class (llava-hf:
+    ``vision_tower.vision_model.*``), before transformers' own save-time renames."""
+    state = model.state_dict()
+    prefix = architecture_of(model).tower_prefix
+    level = NESTED_TOWERS.get(model.config.vision_config.model_type)
+    if prefix is None or level is None or any(k.startswith(prefix + level) for k in state):
+        return state
+    return {(prefix + level + k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def _name_text_architecture(config: Any) -> None:
+    """``text_config.architectures`` (vLLM and other loaders resolve the text model from it)."""
+    text = config.get_text_config()
+    if not getattr(text, "architectures", None):
+        text.architectures = [AutoModelForCausalLM._model_mapping[type(text)].__name__]
+
+
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def _without_own_bos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A copy that does not add BOS itself: the chat template writes it, because vLLM tokenizes
+    chat prompts with ``add_special_tokens=False``, so a processor call must not add a second."""
+    tokenizer = copy.deepcopy(tokenizer)  # the caller's is left as it was (processors change theirs too)
+    if _adds_bos(tokenizer):
+        tokenizer.add_bos_token = False  # rebuilds the post-processor without BOS
+        tokenizer.init_kwargs["add_bos_token"] = False
+        if _adds_bos(tokenizer):
+            raise ValueError(f"{type(tokenizer).__name__} still adds BOS with add_bos_token=False")
+    return tokenizer
+
+
+def hf_processor(config: Any, tokenizer: PreTrainedTokenizerBase, image_processor: Any, template: str) -> Any:
+    """The processor plain transformers and vLLM use: a ``LlavaProcessor`` for every architecture,
+    which expands the chat template's one ``IMAGE_TOKEN`` per image in place to the model's count.
+
+    Not ``Blip2Processor``: with ``num_query_tokens`` it puts the queries before BOS, not inside
+    MiniGPT-4's ``<Img>...</Img>``, and in transformers 5.24 it drops its chat template on load."""
+    jinja = chat_template(template) if get_template(template).chat else None
+    return LlavaProcessor(
+        image_processor, tokenizer, image_token=IMAGE_TOKEN, chat_template=jinja, **_llava_geometry(config)
+    )
+
+
+def _llava_geometry(config: Any) -> dict[str, Any]:
+    """LlavaProcessor's settings for the model's image-token count, which it computes as
+    ``(side / patch_size)**2 + num_additional_image_tokens - (strategy == "default")``.
+
+    Llava: the tower's patch grid (+ CLS, dropped by "default"); minigpt4_patch: the merged grid
+    (4 joined tokens = patches twice as wide). Blip2's count is its ``num_query_tokens``, not a grid:
+    the whole image as one patch, plus ``num_query_tokens`` additional tokens."""
+    vcfg = config.vision_config
+    n = num_image_tokens(config)
+    cls_token = 0 if "siglip" in vcfg.model_type else 1  # CLIP / EVA emit CLS
+    side = math.isqrt(getattr(config, "merge_tokens", 1))
+    patch = vcfg.patch_size[0] if isinstance(vcfg.patch_size, (list, tuple)) else vcfg.patch_size
+    strategy = getattr(config, "vision_feature_select_strategy", None)
+    if strategy and (grid_side(vcfg) // side) ** 2 + cls_token - (strategy == "default") == n:
+        return dict(
+            patch_size=patch * side, vision_feature_select_strategy=strategy, num_additional_image_tokens=cls_token
+        )
+    image_size = vcfg.image_size[0] if isinstance(vcfg.image_size, (list, tuple)) else vcfg.image_size
+    return dict(patch_size=image_size, vision_feature_select_strategy="default", num_additional_image_tokens=n)
+
+
+__all__ = [
+    "export",
+    "hf_processor",
+    "load_trainable",
+    "merge_lora",
+    "published_state_dict",
+    "save_tensors",
+    "save_trainable",
+]

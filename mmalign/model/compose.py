@@ -66,7 +66,9 @@ def _vision_tower(spec: ModelSpec, cfg: PreTrainedConfig) -> nn.Module:
     tower = vision_tower_from_config(cfg)
     src = spec.vision if isinstance(spec.vision, str) else (spec.qformer if spec.vision is None else None)
     if src is not None:
-        load_module_weights(tower, src, ("", "vision_model.", "model.vision_tower.", "vision_tower."))
+        load_module_weights(
+            tower, src, ("", "vision_model.", "model.vision_tower.", "vision_tower.vision_model.", "vision_tower.")
+        )
     return tower
 
 

@@ -122,6 +122,9 @@ LLAVA_TEXT_TYPES = {  # config.json `architectures` -> the text model inside
     "Share4VLlamaForCausalLM": "llama",
 }
 LLAVA_SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}  # mm_vision_select_feature -> HF strategy
+# image_aspect_ratio -> the eval transform: LLaVA's process_images pads for "pad" (expand2square with the
+# mean colour), else runs CLIP's processor as is (shortest edge + center crop)
+LLAVA_ASPECT = {"pad": "pad_to_square", "square": "center_crop", None: "center_crop"}
 
 EVA_HEADS = {1408: 16}  # EVA ViT-g: 1408 // 88 heads; head counts are not visible in tensor shapes
 QFORMER_HEADS = {768: 12}  # BERT-base
@@ -434,8 +437,9 @@ def _write(
     template: str,
     max_shard_size: int | str | None,
     sources: dict[str, Any],
+    image_transform: str | None = None,
 ) -> Path:
-    out = export(model, tok, out, template=template, max_shard_size=max_shard_size)
+    out = export(model, tok, out, template=template, max_shard_size=max_shard_size, image_transform=image_transform)
     meta = json.loads((out / MMALIGN_META).read_text())
     meta["converted_from"] = {k: str(v) for k, v in sources.items() if v is not None}
     (out / MMALIGN_META).write_text(json.dumps(meta, indent=1))
@@ -669,7 +673,8 @@ def convert_llava(
     _tie_lm_head(tensors, text_cfg, architecture_of("llava").conversion_prefixes)
     _check(model, tensors, origin, f"LLaVA {checkpoint}", back=lambda n: original_name(n, LLAVA_RENAMES, {}))
     model = _finish(model, tensors, tok, dtype)
-    return _write(model, tok, out, template, max_shard_size, {"checkpoint": checkpoint, "vision": tower_src})
+    sources = {"checkpoint": checkpoint, "vision": tower_src}
+    return _write(model, tok, out, template, max_shard_size, sources, LLAVA_ASPECT[raw.get("image_aspect_ratio")])
 
 
 def _check_llava_config(raw: Mapping[str, Any]) -> str:
@@ -683,6 +688,8 @@ def _check_llava_config(raw: Mapping[str, Any]) -> str:
         raise ConversionError(f"mm_patch_merge_type {raw['mm_patch_merge_type']!r}: LLaVA-1.6 (anyres) is Llava-Next")
     if not isinstance(raw.get("mm_vision_select_layer"), int):
         raise ConversionError("config.json: mm_vision_select_layer (an int, -2 for LLaVA-1.5) is missing")
+    if raw.get("image_aspect_ratio") not in LLAVA_ASPECT:
+        raise ConversionError(f"image_aspect_ratio {raw['image_aspect_ratio']!r}: expected pad or square (LLaVA-1.5)")
     feature = raw.get("mm_vision_select_feature", "patch")
     if feature not in LLAVA_SELECT_FEATURE:
         raise ConversionError(f"mm_vision_select_feature {feature!r}: expected one of {sorted(LLAVA_SELECT_FEATURE)}")

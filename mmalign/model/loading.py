@@ -2,7 +2,8 @@
 
 ``load_model`` reads any folder ``export`` writes (Blip2, Llava, ``minigpt4_patch``), optionally
 quantizing the LLM; ``model_from_config`` builds from a recipe's backbones or loads ``model.path``;
-``template_of`` is the chat template a folder was trained with.
+``template_of`` / ``image_transform_of`` are the chat template and eval image transform a folder
+was trained with; ``train_image_transform`` is what a stage's training data goes through.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import (
 from mmalign.model import patch_model  # noqa: F401  (registers minigpt4_patch with the Auto classes)
 from mmalign.model.architectures import architecture_of
 from mmalign.model.compose import build_model
+from mmalign.model.processing import ImageTransform, check_transform, image_transform_for
 from mmalign.model.quantize import quantization_config
 from mmalign.prompts import IMAGE_TOKEN
 from mmalign.recipes import get_recipe, with_backbones
@@ -75,17 +77,45 @@ def model_from_config(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     return build_model(recipe.spec, **kwargs)
 
 
-MMALIGN_META = "mmalign.json"  # written by ``export``: the chat template a folder was trained with
+MMALIGN_META = "mmalign.json"  # written by ``export``: the chat template and eval transform a folder was trained with
+
+
+def _recorded(path_or_id: str | Path, key: str) -> Any:
+    meta = Path(path_or_id) / MMALIGN_META
+    return json.loads(meta.read_text()).get(key) if meta.is_file() else None
 
 
 def template_of(path_or_id: str | Path) -> str:
     """The chat template recorded by ``export``, else the published default for the architecture."""
-    meta = Path(path_or_id) / MMALIGN_META
-    if meta.is_file():
-        template = json.loads(meta.read_text()).get("template")
-        if template:
-            return template
-    return architecture_of(AutoConfig.from_pretrained(str(path_or_id))).default_template
+    return (
+        _recorded(path_or_id, "template")
+        or architecture_of(AutoConfig.from_pretrained(str(path_or_id))).default_template
+    )
 
 
-__all__ = ["MMALIGN_META", "load_model", "model_from_config", "template_of"]
+def image_transform_of(path_or_id: str | Path) -> str | None:
+    """The eval image transform recorded by ``export`` (None: not recorded, the architecture's)."""
+    name = _recorded(path_or_id, "image_transform")
+    return None if name is None else check_transform(name)
+
+
+def eval_transform_name(cfg: Any) -> str | None:
+    """A stage's eval transform (a ``RunConfig``): ``data.eval_transform``, else the one
+    ``model.path``'s folder records (None: the architecture's)."""
+    return cfg.data.eval_transform or (image_transform_of(cfg.model.path) if cfg.model.path else None)
+
+
+def train_image_transform(model: PreTrainedModel, cfg: Any) -> ImageTransform:
+    """What a stage's training data goes through: ``data.train_transform``, else its eval transform."""
+    return image_transform_for(model, cfg.data.train_transform or eval_transform_name(cfg))
+
+
+__all__ = [
+    "MMALIGN_META",
+    "eval_transform_name",
+    "image_transform_of",
+    "load_model",
+    "model_from_config",
+    "template_of",
+    "train_image_transform",
+]

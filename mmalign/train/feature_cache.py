@@ -42,7 +42,7 @@ from mmalign.data.features import (
 )
 from mmalign.data.sources import SampleProblem, SkipCounter, read_record_image
 from mmalign.data.stream import ShardStream, count_shard_samples, expand_shards, read_caption, read_shard_image
-from mmalign.model import apply_freeze, model_from_config
+from mmalign.model import apply_freeze, model_from_config, train_image_transform
 from mmalign.model.features import cached_part_trains, feature_fingerprint, frozen_features
 
 log = logging.getLogger(__name__)
@@ -244,8 +244,6 @@ def cache_features(
 ) -> FeatureCache:
     """Write the cache of ``cfg``'s stage to ``out`` (a new folder); ``cache.json`` comes last, so
     a cache cut short is never mistaken for a whole one."""
-    from mmalign.train.stage import stage_image_transform
-
     if views < 1 or dtype not in DTYPES:
         raise ValueError(f"--views must be >= 1 and --dtype one of {sorted(DTYPES)}; got {views}, {dtype!r}")
     out = Path(out)
@@ -256,7 +254,7 @@ def cache_features(
     model, _ = model_from_config(cfg.model)
     refuse_trained_cached_part(model, cfg.train.trainable)
     model.eval()  # the frozen part runs as in training: eval mode, no dropout
-    transform = stage_image_transform(cfg, model)
+    transform = train_image_transform(model, cfg)  # the stage's (StageRun.build_dataset)
     skips = SkipCounter()
     units, sources = _units(cfg, skips)
     line, shape = _storage_line(model, units, views, dtype)

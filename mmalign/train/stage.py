@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from mmalign.config import RunConfig, recipe_departures, to_dict, with_recipe_defaults
 from mmalign.data.build import check_data, dataset_from_config, pack_tokens_of, sampler_from_config
 from mmalign.data.stream import merge_summaries
-from mmalign.model import check_image_tokens, image_transform_for, load_trainable, model_from_config, num_image_tokens
+from mmalign.model import check_image_tokens, load_trainable, model_from_config, num_image_tokens, train_image_transform
 from mmalign.model.checkpoint import save_tensors
 from mmalign.model.features import cached_part_trains, feature_fingerprint
 from mmalign.model.inputs import training_inputs
@@ -47,11 +47,6 @@ from mmalign.train.trainable import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def stage_image_transform(cfg: RunConfig, model: Any) -> Any:
-    """The transform a stage's training images go through (the feature cache's too)."""
-    return image_transform_for(model)
 
 
 def train(cfg: RunConfig) -> Path:
@@ -127,7 +122,7 @@ class StageRun:
     def build_dataset(self) -> Dataset:
         """This rank's dataset (map-style, or a stream that splits by rank itself); with
         ``data.features`` the cached features of exactly this model's frozen part and transform."""
-        transform = stage_image_transform(self.cfg, self.model)
+        transform = train_image_transform(self.model, self.cfg)  # the feature cache's too
         fingerprint = None
         if self.cfg.data.features:
             fingerprint = feature_fingerprint(self.model, transform, self.train_cfg.mixed_precision)

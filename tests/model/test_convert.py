@@ -31,7 +31,13 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from mmalign.model import MiniGPT4PatchForConditionalGeneration, load_model, num_image_tokens, template_of
+from mmalign.model import (
+    MiniGPT4PatchForConditionalGeneration,
+    image_transform_of,
+    load_model,
+    num_image_tokens,
+    template_of,
+)
 from mmalign.model.architectures import ARCHITECTURES
 from mmalign.model.convert import (
     LLAVA_RENAMES,
@@ -578,6 +584,7 @@ def test_llava15_matches_reference_forward(tok, clip_dirs, tmp_path):
     assert type(model) is LlavaForConditionalGeneration
     assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
     assert num_image_tokens(model.config) == 16 and template_of(out) == "vicuna_v1"
+    assert image_transform_of(out) == "pad_to_square"  # image_aspect_ratio: pad, as LLaVA-1.5 serves it
     torch.manual_seed(21)
     pixels = torch.randn(1, 3, 32, 32)
     ref, ids_a, ids_b = llava_reference(state, tok, clip_dirs / "clip-336", pixels)
@@ -615,6 +622,7 @@ LLAVA_BAD = {
     ),
     "linear projector": (dict(cfg_edit=lambda c: c.update(mm_projector_type="linear")), r"mm_projector_type 'linear'"),
     "unknown class": (dict(cfg_edit=lambda c: c.update(architectures=["LlavaMptForCausalLM"])), r"architectures"),
+    "anyres": (dict(cfg_edit=lambda c: c.update(image_aspect_ratio="anyres")), r"image_aspect_ratio 'anyres'"),
 }
 
 

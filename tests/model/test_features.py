@@ -43,7 +43,7 @@ def test_fingerprint_names_weights_transform_and_selection(build):
     base = feature_fingerprint(model, transform)
     assert fingerprint_differences(base, feature_fingerprint(model, transform)) == []
 
-    other_transform = image_transform_for(model, pad_to_square=True)
+    other_transform = image_transform_for(model, "pad_to_square")
     assert [d.split(":")[0] for d in fingerprint_differences(base, feature_fingerprint(model, other_transform))] == [
         "transform"
     ]

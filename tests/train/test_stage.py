@@ -113,16 +113,18 @@ def test_stage1_lowers_loss_saves_and_keeps_frozen_tensors(tmp_path, model_dir):
 
 
 @pytest.mark.parametrize(
-    "arch, trainable, source",
+    "arch, trainable, source, extra",
     [
-        ("minigpt4_patch", "projector", "captions"),
+        ("minigpt4_patch", "projector", "captions", ()),
         # conversations draw a random instruction per sample: the RNG state must resume too
-        ("minigpt4_patch", "projector", "conversations"),
+        ("minigpt4_patch", "projector", "conversations", ()),
         # the Q-Former trains with dropout: the torch RNG stream must be the same after resume
-        ("minigpt4", "all", "captions"),
+        ("minigpt4", "all", "captions", ()),
+        # MiniGPT-4's random crops draw from the torch RNG: a resumed run must crop as the first one did
+        ("minigpt4", "projector", "captions", ("data.train_transform=random_resized_crop",)),
     ],
 )
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, model_dirs, arch, trainable, source):
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, model_dirs, arch, trainable, source, extra):
     # 5 records, batch 2: 3 batches per epoch (last one partial), so step 4 is mid-epoch 2
     model_dir = model_dirs(arch)
     data = caption_data(tmp_path / "data", n=5)
@@ -134,6 +136,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, model_dirs, arch, tra
         "train.keep_checkpoints=5",
         "train.warmup_steps=2",
         "train.lr=1e-3",
+        *extra,
     )
     a_out, b_out = tmp_path / "a", tmp_path / "b"
     train(config(model_dir, data, a_out, *common))
