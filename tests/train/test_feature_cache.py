@@ -10,9 +10,8 @@ from train_helpers import caption_data, caption_shards, config, losses_by_step
 from mmalign.data import DataError
 from mmalign.data.build import check_data
 from mmalign.data.features import FeatureLookup
-from mmalign.data.sources import CaptionRecord, SkipCounter
 from mmalign.model import build_model, export, image_processor_for
-from mmalign.train.feature_cache import CacheItems, ShardWriter, Unit, cache_features
+from mmalign.train.feature_cache import cache_features
 from mmalign.train.stage import train
 
 STEPS = ("train.max_steps=4", "train.save_every=4", "train.plot=false")
@@ -83,27 +82,17 @@ def test_views_of_a_deterministic_transform_are_refused(tmp_path, model_dir):
         cache_features(config(model_dir, data, tmp_path / "unused"), tmp_path / "cache", views=2)
 
 
-def test_random_views_are_cached_and_one_is_drawn_per_epoch(tmp_path, model_dir):
-    from mmalign.model import load_model
-
-    model, _ = load_model(str(model_dir))
-    size = model.config.vision_config.image_size
-
-    def random_shift(image):  # a stand-in for random crops: drawn from the torch RNG, as they are
-        return torch.full((3, size, size), float(torch.rand(())))
-
-    images = caption_data(tmp_path / "data", n=3).parent / "images"
-    units = [Unit(0, "00000.tar", records=[(i, CaptionRecord(images / f"{i}.jpg", "a")) for i in range(3)])]
-    items = list(CacheItems(units, random_shift, views=4, seed=0, skips=SkipCounter()))
-    assert len({float(v[0, 0, 0]) for v in items[0]["views"]}) == 4  # four different draws of one image
-    writer = ShardWriter(model.eval(), tmp_path / "cache", units, torch.float32, batch_size=4, autocast="no")
-    for item in items:
-        writer.add(item)
-    writer.flush()
-
-    lookup = FeatureLookup([str(tmp_path / "cache/source-0/00000.tar")], seed=0, views=4)
+def test_random_crops_are_cached_as_views_and_one_is_drawn_per_epoch(tmp_path, model_dir):
+    data = caption_data(tmp_path / "data", n=3)
+    crops = "data.train_transform=random_resized_crop"  # MiniGPT-4's train transform
+    cache = cache_features(config(model_dir, data, tmp_path / "unused", crops), tmp_path / "cache", views=3)
+    lookup = FeatureLookup(cache.shards(0), seed=42, views=3)
     draws = [lookup.get(1, epoch) for epoch in range(8)]
-    assert len({d.sum().item() for d in draws}) > 1  # different views in different epochs
+    assert len({round(d.sum().item(), 3) for d in draws}) > 1  # different crops in different epochs
     assert torch.equal(lookup.get(1, 3), draws[3])  # the same epoch draws the same view (resume)
-    again = list(CacheItems(units, random_shift, views=4, seed=0, skips=SkipCounter()))
-    assert torch.equal(again[0]["views"], items[0]["views"])  # seeded by the sample: the same crops every run
+    again = cache_features(config(model_dir, data, tmp_path / "unused", crops), tmp_path / "again", views=3)
+    assert torch.equal(FeatureLookup(again.shards(0), seed=42, views=3).get(1, 3), draws[3])  # seeded per sample
+
+    train(config(model_dir, data, tmp_path / "run", crops, *STEPS, f"data.features={cache.folder}"))
+    with pytest.raises(ValueError, match="transform: cache"):  # crops cached, the run resizes
+        train(config(model_dir, data, tmp_path / "resized", *STEPS, f"data.features={cache.folder}"))
