@@ -90,19 +90,21 @@ def feature_fingerprint(model: Any, transform: Any, autocast: str = "no") -> dic
     }
 
 
-def fingerprint_differences(cached: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """One line per field that differs, naming both values (digests shortened)."""
+def fingerprint_differences(cached: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
+    """One line per field that differs (nested fields by their dotted name), naming both values."""
 
-    def short(value: Any) -> str:
+    def show(value: Any) -> str:
         text = json.dumps(value, sort_keys=True, default=str)
-        return text[:13] + "..." if len(text) > 66 and isinstance(value, str) else text
+        return text[:16] + "..." if len(text) > 40 else text
 
-    keys = sorted(set(cached) | set(expected))
-    return [
-        f"{key}: cache {short(cached.get(key))} != this run {short(expected.get(key))}"
-        for key in keys
-        if cached.get(key) != expected.get(key)
-    ]
+    lines = []
+    for key in sorted(set(cached) | set(expected)):
+        mine, theirs = cached.get(key), expected.get(key)
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            lines += fingerprint_differences(mine, theirs, f"{prefix}{key}.")
+        elif mine != theirs:
+            lines.append(f"{prefix}{key}: cache {show(mine)} != this run {show(theirs)}")
+    return lines
 
 
 __all__ = [

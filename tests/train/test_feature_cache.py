@@ -94,5 +94,5 @@ def test_random_crops_are_cached_as_views_and_one_is_drawn_per_epoch(tmp_path, m
     assert torch.equal(FeatureLookup(again.shards(0), seed=42, views=3).get(1, 3), draws[3])  # seeded per sample
 
     train(config(model_dir, data, tmp_path / "run", crops, *STEPS, f"data.features={cache.folder}"))
-    with pytest.raises(ValueError, match="transform: cache"):  # crops cached, the run resizes
+    with pytest.raises(ValueError, match="transform.name: cache"):  # crops cached, the run resizes
         train(config(model_dir, data, tmp_path / "resized", *STEPS, f"data.features={cache.folder}"))
