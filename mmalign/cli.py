@@ -309,6 +309,9 @@ def add_toy(sub, parents) -> None:
     p.add_argument("what", choices=["data", "run"])
     p.add_argument("--out", default="runs/toy")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    p.add_argument(
+        "--baseline", action="store_true", help="train as before the feature cache: images every step, padded batches"
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value for both stages, e.g. model.llm=DIR")
     p.set_defaults(fn=run_toy)
 
@@ -319,7 +322,7 @@ def run_toy(a: argparse.Namespace) -> None:
     if a.what == "data":
         run.write_toy_data(Path(a.out))
     else:
-        run.main_job(Path(a.out), quick=a.quick, overrides=tuple(a.overrides))
+        run.main_job(Path(a.out), quick=a.quick, overrides=tuple(a.overrides), baseline=a.baseline)
 
 
 # --------------------------------------------------------------------------- main

@@ -2,17 +2,25 @@
 
 1. write toy data to disk in the published layouts (a caption JSON for stage 1, MiniGPT-4's
    `cc_sbu_align` layout for stage 2) from training seeds;
-2. stage 1: align the projection on short captions (`configs/toy_stage1.yaml`);
-3. stage 2: fine-tune it on detailed descriptions in the chat template (`configs/toy_stage2.yaml`);
-4. evaluate stage 1 and stage 2 on the same held-out scenes and prompts;
-5. print a report and a sample chat answer.
+2. cache the frozen vision tower's features of both stages' images once (`mmalign cache-features`);
+3. stage 1: align the projection on short captions (`configs/toy_stage1.yaml`);
+4. stage 2: fine-tune it on detailed descriptions in the chat template (`configs/toy_stage2.yaml`);
+5. evaluate stage 1 and stage 2 on the same held-out scenes and prompts;
+6. print a report and a sample chat answer.
+
+``baseline=True`` (``mmalign toy run --baseline``) trains as mmalign did before the feature cache:
+every step decodes its images and runs the vision tower, batches are padded, the loader runs in
+the main process (the benchmark times both, docs/performance.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,7 @@ from mmalign.data import toyworld as tw
 CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
 STAGE1_PAIRS = 16000
 STAGE2_PAIRS = 3500  # MiniGPT-4's curated set is ~3.5k detailed descriptions
+BASELINE = ("data.features=null", "data.packing=false", "data.num_workers=0")  # the path before the cache
 
 
 def write_toy_data(out: Path, n_stage1: int = STAGE1_PAIRS, n_stage2: int = STAGE2_PAIRS) -> dict[str, Path]:
@@ -47,17 +56,27 @@ def write_toy_data(out: Path, n_stage1: int = STAGE1_PAIRS, n_stage2: int = STAG
     return {"stage1": s1 / "captions.json", "stage2": s2 / "filter_cap.json"}
 
 
-def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = ()) -> dict:
-    """Data -> stage 1 -> stage 2 -> both exported and evaluated -> report + a sample chat."""
+def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = (), baseline: bool = False) -> dict:
+    """Data -> feature caches -> stage 1 -> stage 2 -> both exported and evaluated -> report + a sample chat."""
     from mmalign.evaluate.report import write_toy_report
 
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     data = write_toy_data(out / "data", *((512, 256) if quick else ()))
     steps = ("train.max_steps=4", "train.save_every=2") if quick else ()
-    cfg1, ckpt1 = train_stage("toy_stage1.yaml", out / "stage1", data["stage1"], (*steps, *overrides))
-    init = (f"model.init_trainable={ckpt1}", *steps, *overrides)
-    cfg2, ckpt2 = train_stage("toy_stage2.yaml", out / "stage2", data["stage2"], init)
+    timings = Timings(out / "timings.json")
+    speed = {stage: BASELINE for stage in ("stage1", "stage2")}
+    if not baseline:
+        with timings("feature caches"):
+            speed = {stage: cache_stage(config, out, data[stage], overrides) for stage, config in STAGES.items()}
+    with timings("stage 1"):
+        cfg1, ckpt1 = train_stage(
+            "toy_stage1.yaml", out / "stage1", data["stage1"], (*steps, *speed["stage1"], *overrides)
+        )
+    init = (f"model.init_trainable={ckpt1}", *steps, *speed["stage2"], *overrides)
+    with timings("stage 2"):
+        cfg2, ckpt2 = train_stage("toy_stage2.yaml", out / "stage2", data["stage2"], init)
+    print(f"\ntraining ({'baseline: images, padded' if baseline else 'cached features'}): {timings}")
     n_scenes = 16 if quick else 200
     results = {
         stage: export_and_evaluate(cfg, ckpt, out / f"model-{stage}", out / f"eval-{stage}", n_scenes)
@@ -67,6 +86,37 @@ def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = ()) ->
     sample_chat(out / "model-stage2")
     print(f"\nmain job finished in {(time.time() - t0) / 60:.1f} min; model: {out / 'model-stage2'}")
     return results
+
+
+STAGES = {"stage1": "toy_stage1.yaml", "stage2": "toy_stage2.yaml"}
+
+
+class Timings:
+    """Wall seconds per named step of the main job, kept in ``path`` as they are measured."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.seconds = path, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        self.path.write_text(json.dumps(self.seconds, indent=1))
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
+
+
+def cache_stage(config: str, out: Path, data: Path, overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """The frozen vision tower's features of one stage's images, once; the overrides that train from them."""
+    from mmalign.config import load_config
+    from mmalign.train.feature_cache import cache_features
+
+    folder = out / f"features-{Path(config).stem}"
+    shutil.rmtree(folder, ignore_errors=True)  # the data was just written: cache what is there now
+    cache_features(load_config(CONFIGS / config, [f"data.path={data}", *overrides]), folder)
+    return (f"data.features={folder}",)
 
 
 def train_stage(config: str, output_dir: Path, data: Path, overrides: tuple[str, ...]) -> tuple[Any, Path]:

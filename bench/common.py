@@ -1,0 +1,166 @@
+"""What every benchmark shares: one result row, timing of interleaved repeats, peak memory.
+
+Timings are taken side by side in one process: baseline and optimised runs alternate, so machine
+load hits both alike; each row reports the median and the spread (min-max over repeats) of the
+wall time, and the process CPU time (all threads), which other processes on a shared machine
+disturb less. Peak memory is the process's resident set above where the measured code started
+(sampled every 5 ms; freed heap handed back to the system first), or CUDA's peak allocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Repeats of one measured piece: wall and CPU seconds each."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    peak_bytes: int = 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the wall times: the run-to-run noise of this piece."""
+        return (max(self.wall) - min(self.wall)) / self.median if len(self.wall) > 1 else 0.0
+
+
+@dataclass
+class Row:
+    """One line of the table: an optimisation against its baseline on the same model and data."""
+
+    name: str
+    baseline: str  # what the baseline is, in words
+    base: Timing
+    fast: Timing
+    unit: str = "s"  # what the timings count (per step, per turn, ...)
+    note: str = ""
+    higher_is_better: bool = False  # rates (tokens/s): the ratio is fast / base
+
+    @property
+    def ratio(self) -> float:
+        if self.higher_is_better:
+            return self.fast.median / self.base.median
+        return self.base.median / self.fast.median
+
+    @property
+    def cpu_ratio(self) -> float:
+        if not self.base.cpu or not self.fast.cpu:
+            return float("nan")
+        if self.higher_is_better:
+            return self.fast.cpu_median / self.base.cpu_median
+        return self.base.cpu_median / self.fast.cpu_median
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim_heap() -> None:
+    """Hand freed heap back to the system, so the next section's growth shows in its RSS."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[list[int]]:
+    """Yields a one-element list that holds, afterwards, the peak bytes above the start."""
+    out = [0]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        yield out
+        out[0] = torch.cuda.max_memory_allocated() - start
+        return
+    _trim_heap()
+    start, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield out
+    finally:
+        done.set()
+        sampler.join()
+        out[0] = max(peak[0], _rss()) - start
+
+
+def timed(fn: Callable[[], object], into: Timing, per: int = 1) -> object:
+    """Run ``fn`` once, adding its wall / CPU seconds (divided by ``per``) and peak memory to ``into``."""
+    with peak_memory() as peak:
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        into.wall.append((time.perf_counter() - wall) / per)
+        into.cpu.append((time.process_time() - cpu) / per)
+    into.peak_bytes = max(into.peak_bytes, peak[0])
+    return result
+
+
+def interleaved(pieces: dict[str, Callable[[], object]], repeats: int, per: int = 1) -> dict[str, Timing]:
+    """Each piece once per round, ``repeats`` rounds (one untimed warm-up round first)."""
+    for fn in pieces.values():
+        fn()
+    timings = {name: Timing() for name in pieces}
+    for _ in range(repeats):
+        for name, fn in pieces.items():
+            timed(fn, timings[name], per)
+    return timings
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def machine() -> str:
+    """The machine in words: CPU model, cores, threads torch uses, load average, GPU if any."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s)"
+        f"{gpu}; load average {load}"
+    )
+
+
+def table(rows: list[Row]) -> str:
+    """The Markdown table ``python -m bench`` prints (and docs/performance.md holds)."""
+    lines = [
+        "| optimisation | baseline | baseline | optimised | ratio (wall) | ratio (CPU) | noise | peak memory "
+        "baseline / optimised | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        noise = max(r.base.spread, r.fast.spread)
+        lines.append(
+            f"| {r.name} | {r.baseline} | {r.base.median:.4g} {r.unit} | {r.fast.median:.4g} {r.unit} | "
+            f"{r.ratio:.2f}x | {r.cpu_ratio:.2f}x | {noise:.0%} | {mib(r.base.peak_bytes)} / {mib(r.fast.peak_bytes)} "
+            f"| {r.note} |"
+        )
+    return "\n".join(lines)
