@@ -70,4 +70,20 @@ def training_inputs(model: Any, batch: dict[str, Any], device: torch.device | st
     return inputs
 
 
-__all__ = ["block_mask", "training_inputs"]
+def per_sample_losses(
+    logits: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor | None = None
+) -> dict[int, float]:
+    """Mean next-token loss of each sample of a batch, padded (rows are samples: ``sample_ids``
+    None) or packed: what must not change when a batch is packed."""
+    rows, length = labels.shape
+    if sample_ids is None:
+        sample_ids = torch.arange(rows, device=labels.device)[:, None].expand(rows, length)
+    targets, owners = labels[:, 1:], sample_ids[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
+    ).view(rows, length - 1)
+    kept = targets != -100
+    return {int(s): token_loss[kept & (owners == s)].mean().item() for s in owners[kept].unique()}
+
+
+__all__ = ["block_mask", "per_sample_losses", "training_inputs"]

@@ -39,16 +39,3 @@ def mixed_length_samples(model, tok, n: int = 5, seed: int = 0, max_text: int = 
         ids = [tok.bos_token_id, *([model.config.image_token_index] * k), *text]
         out.append({"input_ids": ids, "labels": [-100] * (1 + k) + text, "pixel_values": torch.randn(3, size, size)})
     return out
-
-
-def per_sample_losses(logits, labels, sample_ids=None) -> dict[int, float]:
-    """Mean next-token loss of each sample (rows are samples when ``sample_ids`` is None)."""
-    rows, length = labels.shape
-    if sample_ids is None:
-        sample_ids = torch.arange(rows)[:, None].expand(rows, length)
-    targets, owners = labels[:, 1:], sample_ids[:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
-    ).view(rows, length - 1)
-    kept = targets != -100
-    return {int(s): token_loss[kept & (owners == s)].mean().item() for s in owners[kept].unique()}

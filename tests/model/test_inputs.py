@@ -3,10 +3,10 @@ attention backend; the traps transformers 5.x sets for packing stay pinned down.
 
 import pytest
 import torch
-from mm_helpers import ARCHS, mixed_length_samples, per_sample_losses
+from mm_helpers import ARCHS, mixed_length_samples
 
 from mmalign.data.collate import collate
-from mmalign.model.inputs import block_mask, training_inputs
+from mmalign.model.inputs import block_mask, per_sample_losses, training_inputs
 
 
 def _built(build, arch, attn):
