@@ -159,7 +159,10 @@ class EndpointDescriber:
         tokens = first.completion_tokens if first.completion_tokens is not None else len(first.text.split())
         desc, raw = Description(first.text, tokens), {"answer": first.raw}
         if tokens < self.cfg.min_tokens:
-            messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": self.cfg.continue_prompt}]
+            messages += [
+                {"role": "assistant", "content": first.text},
+                {"role": "user", "content": self.cfg.continue_prompt},
+            ]
             more = self.endpoint.chat(messages, self.cfg.max_new_tokens)
             desc.continued, desc.continuation, raw["continuation"] = True, more.text, more.raw
         return desc, raw

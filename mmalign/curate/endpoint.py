@@ -164,7 +164,10 @@ def image_part(image: Image.Image) -> dict[str, Any]:
     """A PIL image as an OpenAI ``image_url`` part (a base64 PNG ``data:`` URL)."""
     buf = io.BytesIO()
     image.convert("RGB").save(buf, "PNG")
-    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+    return {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()},
+    }
 
 
 def run_concurrently(

@@ -10,7 +10,7 @@ matched is kept in the record for the audit. The kinds:
 | ``too_short`` / ``too_long`` | has fewer / more words than the limit | ``min_words`` / ``max_words`` |
 | ``repeated_sentences`` | repeats sentences: share above ``max_rate`` | ``max_rate`` |
 | ``repeated_ngrams`` | repeats word n-grams: share above ``max_rate`` | ``n``, ``max_rate`` |
-| ``not_english`` | is mostly non-ASCII letters, or has almost no English function words | ``max_non_ascii``, ``min_function_words`` |
+| ``not_english`` | is mostly non-ASCII, or has few English function words | ``max_non_ascii``, ``min_function_words`` |
 | ``unfinished`` | stops mid-sentence (no final . ! ? or quote) | |
 | ``ignores_image`` | is the same text given for ``max_images`` or more different images | ``max_images`` |
 """
@@ -222,6 +222,8 @@ def rule_table(dropped: Counter, rules: Sequence[Rule], total: int) -> str:
     """Markdown: how many records each rule removed (by the first rule that matched)."""
     lines = ["| rule | kind | removed |", "|---|---|---|"]
     lines += [f"| {r.name} | {r.kind} | {dropped.get(r.name, 0)} |" for r in rules]
+    names = {r.name for r in rules}
+    lines += [f"| {name} | (not in the config now) | {n} |" for name, n in sorted(dropped.items()) if name not in names]
     kept = total - sum(dropped.values())
     lines += [f"| **kept** | | **{kept}** of {total} |"]
     return "\n".join(lines)
