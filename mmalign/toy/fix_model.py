@@ -146,9 +146,12 @@ def exact_repair_rate(loaded, seeds: range, batch_size: int = 32) -> dict[str, f
     return rates
 
 
-def train_fix(out: Path, minutes: float, batch_size: int = 16, lr: float = 1e-3, seed: int = 0) -> dict:
+def train_fix(
+    out: Path, minutes: float, batch_size: int = 16, lr: float = 1e-3, seed: int = 0, resume: bool = False
+) -> dict:
     """Fine-tune the toy LLM into the fixer for ``minutes`` (wall clock) and save it to ``out``
-    with its eval (``fix_eval.json``) and chat template (``mmalign.json``)."""
+    with its eval (``fix_eval.json``) and chat template (``mmalign.json``); ``resume`` continues
+    from the fixer already in ``out`` (the log of runs is kept in ``fix_eval.json``)."""
     from transformers import LlamaForCausalLM
 
     from mmalign.model.bundle import LoadedModel
@@ -156,9 +159,11 @@ def train_fix(out: Path, minutes: float, batch_size: int = 16, lr: float = 1e-3,
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(ASSETS / "llm")
-    model = LlamaForCausalLM.from_pretrained(ASSETS / "llm")
+    model = LlamaForCausalLM.from_pretrained(out if resume else ASSETS / "llm")
+    runs = json.loads((out / "fix_eval.json").read_text()).get("runs", []) if resume else []
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    rng, seeds = random.Random(seed), iter(tw.split_seeds("pretrain", 10**6))
+    rng = random.Random(seed)
+    seeds = iter(tw.split_seeds("pretrain", 10**6)[seed * 10**5 :])  # a new seed, new pairs
     deadline, step = time.time() + minutes * 60, 0
     bar = tqdm(desc="fix model", unit="step")
     model.train()
@@ -181,7 +186,8 @@ def train_fix(out: Path, minutes: float, batch_size: int = 16, lr: float = 1e-3,
     tokenizer.save_pretrained(out)
     (out / "mmalign.json").write_text(json.dumps({"template": "minigpt4_v0"}, indent=1))
     loaded = LoadedModel.load(out)
-    result = {"steps": step, "minutes": minutes, "batch_size": batch_size, "lr": lr, "seed": seed}
+    runs.append({"steps": step, "minutes": minutes, "batch_size": batch_size, "lr": lr, "seed": seed})
+    result = {"runs": runs, "steps": sum(r["steps"] for r in runs)}
     result["exact_repair_rate"] = exact_repair_rate(loaded, tw.split_seeds("val", 300))
     (out / "fix_eval.json").write_text(json.dumps(result, indent=1))
     print("fix model:", json.dumps(result))

@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--lr", type=float, default=None, help="default: 2e-3 (vision, llm), 1e-3 (fix)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="llm: continue from the saved weights")
+    p.add_argument("--resume", action="store_true", help="llm, fix: continue from the saved weights")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.what == "fix":
         from mmalign.toy.fix_model import train_fix
 
-        train_fix(a.out or ASSETS / "fix", a.minutes, lr=a.lr or 1e-3, seed=a.seed)
+        train_fix(a.out or ASSETS / "fix", a.minutes, lr=a.lr or 1e-3, seed=a.seed, resume=a.resume)
     else:
         train_llm(a.out or ASSETS / "llm", a.minutes, lr=a.lr or 2e-3, seed=a.seed, resume=a.resume)
 

@@ -20,10 +20,11 @@ CUE = re.compile(r"\[(429|500|slow|malformed|empty)x(\d+)\]")
 
 
 class FakeOpenAI:
-    def __init__(self, slow_s: float = 2.0, die_after: int | None = None) -> None:
-        self.slow_s, self.die_after = slow_s, die_after
+    def __init__(self, slow_s: float = 2.0, die_after: int | None = None, delay_s: float = 0.0) -> None:
+        self.slow_s, self.die_after, self.delay_s = slow_s, die_after, delay_s  # delay_s: before every reply
         self.seen: Counter = Counter()  # paragraph -> requests
         self.requests = 0
+        self.bodies: list[dict] = []  # every request body, in order
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -48,6 +49,7 @@ class FakeOpenAI:
                 text = content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
                 paragraph = text.split("\n\n")[-1]
                 with server.lock:
+                    server.bodies.append(body)
                     server.requests += 1
                     n = server.requests
                     server.seen[paragraph] += 1
@@ -56,6 +58,7 @@ class FakeOpenAI:
                     threading.Thread(target=server.stop, daemon=True).start()
                     self.connection.close()
                     return
+                time.sleep(server.delay_s)
                 cue = CUE.search(paragraph)
                 if cue and attempt <= int(cue[2]):
                     return self._misbehave(cue[1], body, paragraph)
