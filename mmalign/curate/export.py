@@ -126,13 +126,13 @@ def funnel_table(f: dict[str, Any]) -> str:
     """The funnel as Markdown (the paper's 5,000 images -> ~3,500 descriptions)."""
     rows = [
         ("images described (failed: still pending)", f"{f['described']} ({f['describe_failed']})"),
-        ("  of which asked to Continue", f["continued"]),
+        ("↳ asked to Continue", f["continued"]),
         ("fixed by the LLM (pending)", f"{f['fixed']} ({f['fix_pending']})"),
-        *[(f"  dropped by rule `{rule}`", n) for rule, n in f["dropped_by_rule"].items()],
+        *[(f"↳ dropped by rule `{rule}`", n) for rule, n in f["dropped_by_rule"].items()],
         ("passed the filters", f["passed_filters"]),
-        ("  rejected in review", f["rejected"]),
-        ("  edited in review", f["edited"]),
-        ("  not reviewed yet", f["not_reviewed"]),
+        ("↳ rejected in review", f["rejected"]),
+        ("↳ edited in review", f["edited"]),
+        ("↳ not reviewed yet", f["not_reviewed"]),
         ("**kept (exported)**", f"**{f['kept']}**"),
     ]
     return "\n".join(["| step | records |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows]])

@@ -31,10 +31,6 @@ from mmalign.data import toyworld as tw
 
 CONFIG = Path(__file__).resolve().parent.parent.parent / "configs" / "curate_toy.yaml"
 FIX_MODEL = Path(__file__).resolve().parent.parent / "assets" / "toy" / "fix"
-_C, _S, _P = "|".join(tw.COLOURS), "|".join(tw.SHAPES), "|".join(tw.POSITIONS)
-COUNT = re.compile(rf"^The image shows ({'|'.join(tw.NUMBER_WORDS)}) objects? on a gray background\.$")
-OBJECT = re.compile(rf"^There is an? (small|large) ({_C}) ({_S}) in the ({_P})\.$")
-RELATION = re.compile(rf"^The ({_C}) ({_S}) is (to the left of|above) the ({_C}) ({_S})\.$")
 
 
 def write_curated_images(folder: Path, n: int) -> Path:
@@ -87,19 +83,19 @@ def judge(text: str, scene: tw.Scene) -> tuple[str, str, str]:
     Objects are checked by colour and shape, one scene object per sentence; sizes and positions
     are not (the toy LLM answers where an object is about half the time even from text), nor
     can an edit add anything: it only deletes sentences that do not fit the image."""
-    from mmalign.toy.fix_model import sentences
-
-    parts = sentences(text)
+    parts = tw.sentences(text)
     said, keep = [], [True] * len(parts)
     for i, s in enumerate(parts):
-        if m := OBJECT.match(s):
-            said.append((i, tuple(m.groups())))
-        elif m := COUNT.match(s):
-            keep[i] = tw.NUMBER_WORDS.index(m[1]) == len(scene.objects)
-        elif m := RELATION.match(s):
-            keep[i] = _relation_true(scene, m)
-        else:
+        parsed = tw.parse_sentence(s)
+        if parsed is None:
             return "rejected", text, f"cannot read: {s!r}"
+        form, m = parsed
+        if form == "object":
+            said.append((i, tuple(m.groups())))
+        elif form == "count":
+            keep[i] = tw.NUMBER_WORDS.index(m[1]) == len(scene.objects)
+        else:
+            keep[i] = _relation_true(scene, m)
     for (i, _), fits in zip(said, _match(scene, [obj for _, obj in said])):
         keep[i] = fits
     named = sum(keep[i] for i, _ in said)
@@ -129,6 +125,16 @@ def oracle_review(cfg, reviewer: str = "oracle") -> dict[str, int]:
     return dict(counts)
 
 
+def accept_all(cfg) -> dict[str, int]:
+    from mmalign.curate.review import ReviewDB, review_items
+
+    db = ReviewDB(cfg.db_path)
+    items = [it for it in review_items(cfg) if it["id"] not in db.decisions()]
+    for item in items:
+        db.decide(item["id"], "accepted", item["text"], "accept-all (quick run)")
+    return {"accepted": len(items)}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,18 +142,23 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def served_fix_model(model: Path = FIX_MODEL, max_batch_size: int = 64, timeout_s: float = 180) -> Iterator[str]:
-    """``mmalign serve --model <fix model>`` in a subprocess; yields its ``/v1`` base URL."""
+def served_fix_model(
+    log_file: Path, model: Path = FIX_MODEL, max_batch_size: int = 64, timeout_s: float = 180
+) -> Iterator[str]:
+    """``mmalign serve --model <fix model>`` in a subprocess (its log in ``log_file``); yields its
+    ``/v1`` base URL."""
     port = _free_port()
     cmd = [sys.executable, "-m", "mmalign.cli", "serve", "--model", str(model), "--port", str(port)]
     cmd += ["--max-batch-size", str(max_batch_size), "--served-name", "toy-fix"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_file, "ab")
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode} before serving")
+                raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode} before serving; see {log_file}")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2):
                     break
@@ -162,11 +173,13 @@ def served_fix_model(model: Path = FIX_MODEL, max_batch_size: int = 64, timeout_
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
-def curate_toy(out: Path, stage1: Path, n_images: int, overrides: tuple[str, ...] = ()) -> tuple[Path, dict]:
+def curate_toy(out: Path, stage1: Path, n_images: int, quick: bool = False) -> tuple[Path, dict]:
     """The whole pipeline on ``n_images`` curated-split scenes; returns the export folder and
-    the funnel. Every step is resumable: a killed main job picks up where it stopped."""
+    the funnel. Every step is resumable: a killed main job picks up where it stopped. ``quick``
+    (a smoke run on an untrained stage 1): the review accepts whatever passed the filters."""
     from mmalign.curate.config import load_curate_config
     from mmalign.curate.describe import describer_for
     from mmalign.curate.endpoint import ChatEndpoint
@@ -175,13 +188,13 @@ def curate_toy(out: Path, stage1: Path, n_images: int, overrides: tuple[str, ...
 
     images = write_curated_images(out / "images", n_images)
     base = (f"workdir={out}", f"images={images}", f"describe.model={stage1}")
-    cfg = load_curate_config(CONFIG, (*base, *overrides))
+    cfg = load_curate_config(CONFIG, base)
     run_describe(cfg, describer_for(cfg), rank=0, world=1)
-    with served_fix_model() as base_url:
+    with served_fix_model(out / "fix_server.log") as base_url:
         cfg.fix.endpoint.base_url = base_url
         run_fix(cfg, ChatEndpoint(cfg.fix.endpoint), rank=0, world=1)
     run_filter(cfg)
-    print("oracle review:", oracle_review(cfg))
+    print("review:", accept_all(cfg) if quick else oracle_review(cfg))
     return run_export(cfg), funnel(cfg)
 
 

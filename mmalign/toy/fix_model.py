@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import time
 from pathlib import Path
 
@@ -34,15 +33,10 @@ STRAY = ("#", "##", "###", "</s>", "~", "*", "- -", ":", "ImageContent", "Assist
 STRAY += tw.NUMBER_WORDS  # what the toy LLM answers to "Continue": "zero", "one"
 
 
-def sentences(text: str) -> list[str]:
-    """Sentences as the toy writes them (split after . ! ?, punctuation kept)."""
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
-
-
 def clean_paragraph(scene: tw.Scene, rng: random.Random) -> list[str]:
     """A description of ``scene`` as a stage-1 model might say it: all of it, or with object
     sentences left out (the count sentence then disagrees, and is copied as it is)."""
-    parts = sentences(tw.description(scene))
+    parts = tw.sentences(tw.description(scene))
     if len(parts) > 2 and rng.random() < 0.4:
         keep = [parts[0]] + [p for p in parts[1:] if rng.random() < 0.7]
         parts = keep if len(keep) > 1 else parts[:2]
@@ -69,7 +63,7 @@ def corrupt(parts: list[str], kind: str, rng: random.Random, other: list[str]) -
         return target, target
     if kind == "mixed":
         text, _ = corrupt(parts, rng.choice(("repeat", "continue")), rng, other)
-        return corrupt(sentences(text), rng.choice(("cut", "stray")), rng, other)[0], target
+        return corrupt(tw.sentences(text), rng.choice(("cut", "stray")), rng, other)[0], target
     out = list(parts)
     if kind == "repeat":  # one or more sentences said again, next to it or later
         for _ in range(rng.randint(1, 3)):
@@ -99,7 +93,7 @@ def fix_pair(seed: int) -> tuple[str, str, str]:
     rng = random.Random(seed)
     scene = tw.make_scene(seed)
     parts = clean_paragraph(scene, rng)
-    other = sentences(tw.description(tw.make_scene(seed + 1)))
+    other = tw.sentences(tw.description(tw.make_scene(seed + 1)))
     kind = rng.choices(KINDS, weights=(3, 2, 3, 3, 2, 2, 2))[0]
     text, target = corrupt(parts, kind, rng, other)
     return kind, text, target
@@ -189,6 +183,7 @@ def train_fix(
     runs.append({"steps": step, "minutes": minutes, "batch_size": batch_size, "lr": lr, "seed": seed})
     result = {"runs": runs, "steps": sum(r["steps"] for r in runs)}
     result["exact_repair_rate"] = exact_repair_rate(loaded, tw.split_seeds("val", 300))
+    runs[-1]["exact_repair_rate_after"] = result["exact_repair_rate"]["all"]
     (out / "fix_eval.json").write_text(json.dumps(result, indent=1))
     print("fix model:", json.dumps(result))
     return result
