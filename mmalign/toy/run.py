@@ -52,6 +52,7 @@ def write_toy_data(out: Path, n_stage1: int = STAGE1_PAIRS, n_stage2: int = STAG
 
 
 CURATED_IMAGES = 1500  # MiniGPT-4 described 5,000 and kept ~3,500; the toy's stage-1 model keeps fewer (docs/curate.md)
+CURATED_STEPS = 600  # stage 2 on the self-curated set (~400 records) runs fewer steps than on 3,500 (1000)
 STAGES = {  # report column -> what stage 2 trained on
     "stage1": "stage 1 only (captions)",
     "stage2": "stage 2 on the self-curated set (the method)",
@@ -100,7 +101,8 @@ def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = ()) ->
     init = (f"model.init_trainable={ckpt1}", *steps, *overrides)
     curated = export_dir / "cc_sbu_align" / "filter_cap.json"
     trained = {"stage1": (cfg1, ckpt1)}
-    trained["stage2"] = train_stage("toy_stage2.yaml", out / "stage2", curated, init)
+    fewer = () if quick else (f"train.max_steps={CURATED_STEPS}",)
+    trained["stage2"] = train_stage("toy_stage2.yaml", out / "stage2", curated, (*init, *fewer))
     phases.done("stage 2 on the self-curated set")
     trained["stage2-generator"] = train_stage("toy_stage2.yaml", out / "stage2-generator", data["stage2"], init)
     phases.done("stage 2 on generator-written descriptions")
