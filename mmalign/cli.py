@@ -300,11 +300,16 @@ def run_curate(a: argparse.Namespace) -> None:
     from mmalign.curate.commands import Options, apply_flags, run_step
     from mmalign.curate.config import load_curate_config
 
+    config, overrides = a.config, list(a.overrides)
+    if config and "=" in config and not Path(config).exists():  # no YAML: overrides only
+        config, overrides = None, [config, *overrides]
     try:
-        cfg = load_curate_config(a.config, a.overrides)
+        cfg = load_curate_config(config, overrides)
         apply_flags(cfg, a.step, a.base_url, a.model)
         run_step(a.step, cfg, Options(api_key=a.api_key, redo=a.redo))
-    except (ValueError, FileNotFoundError) as e:
+    except FileNotFoundError as e:
+        raise _fail(f"curate {a.step}", ValueError(f"{e.filename}: no such file")) from None
+    except ValueError as e:
         raise _fail(f"curate {a.step}", e) from None
 
 

@@ -46,9 +46,12 @@ def run_step(step: str, cfg: CurateConfig, options: Options | None = None) -> An
 
 
 def _describe(cfg: CurateConfig, options: Options) -> Any:
-    from mmalign.curate.describe import describer_for
+    from mmalign.curate.describe import describer_for, list_images
     from mmalign.curate.steps import run_describe
 
+    if not cfg.images:
+        raise ValueError("images: the config names no images to describe")
+    list_images(cfg.images)  # nothing there: said before a model is loaded
     return run_describe(cfg, describer_for(cfg, options.api_key))
 
 
