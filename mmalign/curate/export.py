@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from tqdm import tqdm
 
 from mmalign.curate.config import CurateConfig
 from mmalign.curate.review import KEPT, ReviewDB, review_items
@@ -63,7 +64,7 @@ def run_export(cfg: CurateConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "cc_sbu_align" / "image").mkdir(parents=True)
     annotations, conversations = [], []
-    for rec in kept_records(cfg):
+    for rec in tqdm(kept_records(cfg), desc="export", unit="rec", dynamic_ncols=True):
         image_id = rec["id"]
         (tmp / "cc_sbu_align" / "image" / f"{image_id}.jpg").write_bytes(
             _jpeg_bytes(rec["image"], cfg.export.jpeg_quality)

@@ -104,3 +104,15 @@ def test_ranks_share_the_records(tmp_path, server):
         run_fix(cfg, endpoint(server.url), rank=rank, world=2)
     assert len(done_records(tmp_path, "fix")) == 5
     assert sorted(p.name for p in (tmp_path / "fix").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
+
+
+def test_the_local_backend_repairs_with_the_shipped_toy_fix_model(tmp_path):
+    from mmalign.data import toyworld as tw
+    from mmalign.model import LoadedModel
+    from mmalign.toy.curate import FIX_MODEL
+
+    clean = [tw.description(tw.make_scene(s)) for s in (20_000_001, 20_000_002)]
+    cfg = described(tmp_path, [clean[0] + " zero", clean[1]])  # the toy's "Continue" answer, and a correct one
+    summary = run_fix(cfg, LoadedModel.load(FIX_MODEL), rank=0, world=1)
+    assert summary.done == 2
+    assert [r["text"] for _, r in sorted(done_records(tmp_path, "fix").items())] == clean

@@ -90,3 +90,26 @@ def test_a_caption_a_rule_drops_is_counted_not_written(tmp_path):
     tally = run_recaption(cfg, lambda images: [looped] * len(images), rank=0, world=1)
     assert tally["dropped_by_rule"] == {"repeated_sentences": 14} and tally["captioned"] == 0
     assert all("recap.txt" not in x for x in read_shard(tmp_path / "out" / "00000.tar"))
+
+
+def test_recaption_through_endpoints_one_per_rank(tmp_path):
+    from .fake_openai import FakeOpenAI
+
+    pattern = write_shards(tmp_path / "in")
+    servers = [FakeOpenAI(), FakeOpenAI()]
+    try:
+        cfg = CurateConfig(workdir=str(tmp_path / "w"))
+        cfg.recaption = RecaptionConfig(
+            shards=pattern, out=str(tmp_path / "out"), backend="openai", base_urls=[s.url for s in servers]
+        )
+        cfg.recaption.endpoint.model, cfg.recaption.endpoint.backoff_s = "captioner", 0.01
+        for rank in (0, 1):
+            run_recaption(cfg, rank=rank, world=2)
+    finally:
+        for s in servers:
+            s.stop()
+    assert [s.requests for s in servers] == [8, 6]  # shards 0, 2, 4 (one image corrupt) to rank 0; 1, 3 to rank 1
+    first = read_shard(tmp_path / "out" / "00001.tar")[0]
+    assert first["recap.txt"] == f"FIXED {cfg.recaption.prompt}".encode()
+    body = servers[1].bodies[0]["messages"][0]["content"]
+    assert body[0]["text"] == cfg.recaption.prompt and body[1]["image_url"]["url"].startswith("data:image/png")

@@ -17,6 +17,7 @@ from mmalign.cli import main
 from mmalign.curate.config import load_curate_config
 from mmalign.curate.review import ReviewDB, review_items
 from mmalign.curate.store import read_lines, step_files
+from mmalign.data.sources import read_caption_json, read_llava_json
 
 from .conftest import subprocess_env
 from .fake_openai import FakeOpenAI
@@ -102,5 +103,9 @@ def test_sigkill_mid_step_then_rerun_exports_what_an_uninterrupted_run_does(tmp_
     kept = json.loads(want["cc_sbu_align/filter_cap.json"])["annotations"]
     assert len(kept) == 8 and sum(a["caption"].endswith(" Edited.") for a in kept) == 4
     assert len([k for k in want if k.startswith("cc_sbu_align/image/")]) == 8
+    out = load_curate_config(killed).export_dir  # ready for `mmalign train`, in both layouts
+    assert len(read_caption_json(out / "cc_sbu_align" / "filter_cap.json", check_images=True)) == 8
+    llava = read_llava_json(out / "llava.json", template="minigpt4_v0", check_images=True)
+    assert len(llava) == 8 and llava[0].turns[0]["content"].startswith("<Img><ImageHere></Img> ")
     funnel = json.loads(want["funnel.json"])
     assert (funnel["described"], funnel["describe_failed"], funnel["rejected"], funnel["kept"]) == (12, 1, 4, 8)
