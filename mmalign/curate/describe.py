@@ -70,12 +70,10 @@ def list_images(spec: str | Path) -> list[Path]:
 class ImageItem:
     path: Path
     id: str  # sha256 of the file's bytes
-    data: bytes | None = None
 
     def open(self) -> Image.Image:
         """The decoded image; OSError / ValueError for a corrupt or unreadable file."""
-        data = self.data if self.data is not None else self.path.read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(self.path.read_bytes())) as im:
             return im.convert("RGB")
 
 
@@ -85,11 +83,10 @@ def image_items(paths: Sequence[Path]) -> list[ImageItem]:
     items, seen, copies = [], set(), 0
     for path in paths:
         try:
-            data = path.read_bytes()
-            key = hashlib.sha256(data).hexdigest()
+            key = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError as e:
             log.warning("%s: cannot read it (%s)", path, e.strerror or e)
-            data, key = None, f"unreadable:{path}"
+            key = f"unreadable:{path}"
         if key in seen:
             copies += 1
             continue
