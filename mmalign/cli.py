@@ -1,4 +1,4 @@
-"""`mmalign <verb>`: train, export, cache-features, chat, serve, demo, eval, convert, toy.
+"""`mmalign <verb>`: train, export, cache-features, chat, serve, demo, eval, convert, curate, toy.
 
 Each verb is a parser and a handler side by side; options several verbs share come from
 parent parsers. Nothing heavy is imported until a verb runs, so `mmalign --help` answers at
@@ -301,6 +301,43 @@ def run_convert(a: argparse.Namespace) -> None:
     print(out)
 
 
+# --------------------------------------------------------------------------- curate
+
+
+def add_curate(sub, parents) -> None:
+    from mmalign.curate.commands import STEPS  # no heavy import: the step list only
+
+    p = sub.add_parser(
+        "curate",
+        help="make stage-2 data: describe -> fix -> filter -> review -> export; recaption shards (docs/curate.md)",
+    )
+    p.add_argument("step", choices=STEPS)
+    p.add_argument("config", nargs="?", default=None, help="a pipeline YAML (configs/curate_minigpt4.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. describe.model=DIR fix.endpoint.budget=100")
+    p.add_argument("--base-url", default=None, help="the step's OpenAI-compatible endpoint (default: $OPENAI_BASE_URL)")
+    p.add_argument("--model", default=None, help="the endpoint's model (default: $OPENAI_MODEL), or a local folder")
+    p.add_argument("--api-key", default=None, help="default: the config's api_key_env ($OPENAI_API_KEY)")
+    p.add_argument("--redo", action="store_true", help="filter: filter every record again (old file kept aside)")
+    p.set_defaults(fn=run_curate)
+
+
+def run_curate(a: argparse.Namespace) -> None:
+    from mmalign.curate.commands import Options, apply_flags, run_step
+    from mmalign.curate.config import load_curate_config
+
+    config, overrides = a.config, list(a.overrides)
+    if config and "=" in config and not Path(config).exists():  # no YAML: overrides only
+        config, overrides = None, [config, *overrides]
+    try:
+        cfg = load_curate_config(config, overrides)
+        apply_flags(cfg, a.step, a.base_url, a.model)
+        run_step(a.step, cfg, Options(api_key=a.api_key, redo=a.redo))
+    except FileNotFoundError as e:
+        raise _fail(f"curate {a.step}", ValueError(f"{e.filename}: no such file")) from None
+    except ValueError as e:
+        raise _fail(f"curate {a.step}", e) from None
+
+
 # --------------------------------------------------------------------------- toy
 
 
@@ -336,6 +373,7 @@ VERBS: tuple[Callable, ...] = (
     add_demo,
     add_eval,
     add_convert,
+    add_curate,
     add_toy,
 )
 

@@ -156,6 +156,12 @@ def _apply(section, values: dict, prefix: str) -> None:
             raise ValueError(f"config key {prefix}{key}: {e}") from None
 
 
+def apply_values(section, values: dict, prefix: str = "") -> None:
+    """Set a config dataclass's fields from a mapping, typed as above; an unknown key is a
+    KeyError and a bad value a ValueError, both naming the dotted key (other configs use it)."""
+    _apply(section, values, prefix)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML file (sections model / data / train) and apply `section.key=value` overrides."""
     cfg = RunConfig()

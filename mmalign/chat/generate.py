@@ -83,6 +83,8 @@ def model_generate(
     embed the ids ourselves, scatter the new images' features into the uncached positions only
     and let the language model generate from the embeddings.
     """
+    if getattr(model.config, "vision_config", None) is None:  # a text-only LLM (the curation fixer)
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     cache = kwargs.get(CACHE_KWARG)
     past = cache.get_seq_length() if cache is not None else 0
     if architecture_of(model).generate_continues_cache or (pixel_values is not None and past == 0):
@@ -120,7 +122,8 @@ def generate_batch(
         ]
         batch = left_pad(prompts, tokenizer.pad_token_id)
         images = [im for im, _ in chunk if im is not None]
-        check_image_tokens(batch["input_ids"], len(images), model.config)
+        if not loaded.text_only:
+            check_image_tokens(batch["input_ids"], len(images), model.config)
         inputs = {k: v.to(loaded.device) for k, v in batch.items()}
         if images:
             inputs["pixel_values"] = loaded.pixel_values(images)
@@ -207,7 +210,8 @@ def generate_rows(loaded: LoadedModel, rows: Sequence[Row], **gen: Any) -> None:
     device, dtype = loaded.device, loaded.dtype
     batch = left_pad([r.input_ids for r in rows], tokenizer.pad_token_id)
     images = [im for r in rows for im in r.images]
-    check_image_tokens(batch["input_ids"], len(images), model.config)
+    if not loaded.text_only:
+        check_image_tokens(batch["input_ids"], len(images), model.config)
     criteria = _RowsCriteria(rows, tokenizer, t, kwargs["eos_token_id"])
     pixel_values = torch.stack(images).to(device, dtype) if images else None
     model.eval()

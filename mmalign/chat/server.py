@@ -276,6 +276,8 @@ class Completions:
         if any(not s for s in stops) or len(stops) > 4:
             raise APIError(400, "stop: up to 4 non-empty strings", "stop")
         n_images = sum(isinstance(p, ImagePart) for m in req.messages if isinstance(m.content, list) for p in m.content)
+        if n_images and self.loaded.text_only:
+            raise APIError(400, "this model is a text-only LLM: it takes no images", "messages", "images_not_supported")
         if n_images > self.limits.max_images:
             raise APIError(
                 400,

@@ -9,6 +9,7 @@ cell, so a ViT with 8 px patches and 2 x 2 patch merging gives one token per cel
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -204,6 +205,28 @@ def questions(scene: Scene, rng: random.Random) -> list[QA]:
         if a.row != b.row:
             out.append(QA("relation", f"Is the {a.name} above the {b.name}?", "yes" if a.row < b.row else "no"))
     return out
+
+
+_C, _S, _P = "|".join(COLOURS), "|".join(SHAPES), "|".join(POSITIONS)
+SENTENCE_FORMS = {  # the sentences `description` writes, as patterns (their inverse)
+    "count": re.compile(rf"^The image shows ({'|'.join(NUMBER_WORDS)}) objects? on a gray background\.$"),
+    "object": re.compile(rf"^There is an? (small|large) ({_C}) ({_S}) in the ({_P})\.$"),
+    "relation": re.compile(rf"^The ({_C}) ({_S}) is (to the left of|above) the ({_C}) ({_S})\.$"),
+}
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences split after . ! ? (punctuation kept); a trailing fragment is one too."""
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
+
+
+def parse_sentence(sentence: str) -> tuple[str, re.Match] | None:
+    """(form, match) for a sentence `description` could have written, else None (a fragment,
+    a broken sentence, anything else)."""
+    for form, pattern in SENTENCE_FORMS.items():
+        if m := pattern.match(sentence.strip()):
+            return form, m
+    return None
 
 
 def mentioned_objects(text: str) -> list[tuple[str | None, str]]:

@@ -19,6 +19,8 @@ ROWS = [
     ("mean words, detailed prompt", ("describe_long", "mean_words"), "{:.1f}"),
     ("repeated-trigram rate, detailed prompt", ("describe_long", "repeated_trigram_rate"), "{:.1%}"),
     ("repeated-sentence rate, detailed prompt", ("describe_long", "repeated_sentence_rate"), "{:.1%}"),
+    ("unfinished rate, detailed prompt", ("describe_long", "unfinished_rate"), "{:.1%}"),
+    ("malformed-sentence rate, detailed prompt", ("describe_long", "malformed_sentence_rate"), "{:.1%}"),
     ("CHAIRi, short prompt", ("describe_short", "chair_i"), "{:.1%}"),
     ("mean words, short prompt", ("describe_short", "mean_words"), "{:.1f}"),
 ]

@@ -5,8 +5,10 @@
 * Detailed descriptions: CHAIRi (mentioned objects absent from the scene / all mentioned
   objects), CHAIRs (descriptions with at least one), object recall, mean length in words, and
   the repeated-trigram rate (share of word trigrams that already occurred in the same text),
-  and the repeated-sentence rate (share of sentences said twice verbatim), which is how the
-  paper's "repetitive, fragmented" output shows up in numbers.
+  the repeated-sentence rate (share of sentences said twice verbatim), the unfinished rate
+  (descriptions that stop mid-sentence) and the malformed-sentence rate (sentences the toy
+  grammar cannot read), which is how the paper's "repetitive, fragmented" output shows up in
+  numbers.
 """
 
 from __future__ import annotations
@@ -40,6 +42,18 @@ def repeated_sentence_rate(text: str) -> float:
     """Share of sentences that repeat an earlier sentence of the same text verbatim."""
     sents = [x.strip().lower() for x in text.replace("?", ".").replace("!", ".").split(".") if x.strip()]
     return 0.0 if not sents else 1.0 - len(set(sents)) / len(sents)
+
+
+def unfinished(text: str) -> bool:
+    """The text stops mid-sentence (no final . ! ?), as a cut-off answer does."""
+    return text.rstrip()[-1:] not in (".", "!", "?")
+
+
+def malformed_sentence_rate(text: str) -> float:
+    """Share of sentences the toy world's grammar cannot read: fragments, broken sentences,
+    stray words (e.g. "zero" after a description). Toy only: real text has no such grammar."""
+    parts = tw.sentences(text)
+    return 1.0 if not parts else sum(tw.parse_sentence(s) is None for s in parts) / len(parts)
 
 
 def toy_names(text: str) -> list[str]:
@@ -76,6 +90,8 @@ def describe_metrics(texts: list[str], scenes: list[tw.Scene]) -> dict[str, floa
         "mean_words": sum(len(t.split()) for t in texts) / n,
         "repeated_trigram_rate": sum(map(repeated_ngram_rate, texts)) / n,
         "repeated_sentence_rate": sum(map(repeated_sentence_rate, texts)) / n,
+        "unfinished_rate": sum(map(unfinished, texts)) / n,
+        "malformed_sentence_rate": sum(map(malformed_sentence_rate, texts)) / n,
     }
 
 

@@ -5,6 +5,7 @@ Run once (like the real backbones' own pretraining); the outputs ship in `mmalig
     python -m mmalign.toy.pretrain tokenizer
     python -m mmalign.toy.pretrain vision --minutes 12
     python -m mmalign.toy.pretrain llm --minutes 35
+    python -m mmalign.toy.pretrain fix --minutes 15 --threads 1
 
 * tokenizer: byte-level BPE trained with `tokenizers` on toy-world text, saved as a normal HF tokenizer.
 * vision: a small CLIP ViT trained with an image-text contrastive loss (BLIP-2 / CLIP first stage);
@@ -13,6 +14,8 @@ Run once (like the real backbones' own pretraining); the outputs ship in `mmalig
   where the scene is written in words inside `<Img> ... </Img>`, so it learns to read a scene
   from its context and answer about it, but never sees an image. It is gated on a text-only
   check (colour / shape / yes-no answered from a listing) before it is shipped.
+* fix: the curation pipeline's text-only fixer, the toy LLM fine-tuned to repair toy
+  descriptions (``mmalign.toy.fix_model``); its exact-repair rate is saved beside it.
 """
 
 from __future__ import annotations
@@ -433,13 +436,13 @@ def retrieval_top1(clip, tokenizer, n: int = 300) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["tokenizer", "vision", "llm"])
+    p.add_argument("what", choices=["tokenizer", "vision", "llm", "fix"])
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-3 (vision, llm), 1e-3 (fix)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="llm: continue from the saved weights")
+    p.add_argument("--resume", action="store_true", help="llm, fix: continue from the saved weights")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -448,8 +451,12 @@ def main(argv: list[str] | None = None) -> None:
     elif a.what == "vision":
         (a.out or ASSETS / "vision").mkdir(parents=True, exist_ok=True)
         train_vision(a.out or ASSETS / "vision", a.minutes)
+    elif a.what == "fix":
+        from mmalign.toy.fix_model import train_fix
+
+        train_fix(a.out or ASSETS / "fix", a.minutes, lr=a.lr or 1e-3, seed=a.seed, resume=a.resume)
     else:
-        train_llm(a.out or ASSETS / "llm", a.minutes, lr=a.lr, seed=a.seed, resume=a.resume)
+        train_llm(a.out or ASSETS / "llm", a.minutes, lr=a.lr or 2e-3, seed=a.seed, resume=a.resume)
 
 
 if __name__ == "__main__":

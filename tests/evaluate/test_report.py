@@ -13,6 +13,8 @@ STAGE1 = {
         "mean_words": 12.34,
         "repeated_trigram_rate": 0.1,
         "repeated_sentence_rate": 0.25,
+        "unfinished_rate": 0.5,
+        "malformed_sentence_rate": 0.125,
     },
     "describe_short": {"prompt": "short", "chair_i": 0.2, "mean_words": 7.0},
 }
@@ -29,6 +31,8 @@ STAGE2 = {
         "mean_words": 40.0,
         "repeated_trigram_rate": 0.0,
         "repeated_sentence_rate": 0.0,
+        "unfinished_rate": 0.0,
+        "malformed_sentence_rate": 0.0,
     },
     "describe_short": {"prompt": "short", "chair_i": 0.0, "mean_words": 15.55},
 }
@@ -64,6 +68,8 @@ def test_write_toy_report_markdown_and_png(tmp_path):
     assert rows["mean words, detailed prompt"] == ["12.3", "40.0"]
     assert rows["repeated-trigram rate, detailed prompt"] == ["10.0%", "0.0%"]
     assert rows["repeated-sentence rate, detailed prompt"] == ["25.0%", "0.0%"]
+    assert rows["unfinished rate, detailed prompt"] == ["50.0%", "0.0%"]
+    assert rows["malformed-sentence rate, detailed prompt"] == ["12.5%", "0.0%"]
     assert rows["CHAIRi, short prompt"] == ["20.0%", "0.0%"]
     assert rows["mean words, short prompt"] == ["7.0", "15.6"]
     # relation accuracy is in neither stage: no row; every other metric has exactly one

@@ -123,6 +123,7 @@ def test_describe_metrics_perfect_description_and_empty():
     scenes = [tw.make_scene(s) for s in range(20)]
     m = describe_metrics([tw.description(s) for s in scenes], scenes)
     assert m["chair_i"] == 0.0 and m["chair_s"] == 0.0 and m["object_recall"] == 1.0
+    assert m["unfinished_rate"] == 0.0 and m["malformed_sentence_rate"] == 0.0  # the generator's grammar
     assert describe_metrics([], []) == {
         "chair_i": 0.0,
         "chair_s": 0.0,
@@ -130,7 +131,19 @@ def test_describe_metrics_perfect_description_and_empty():
         "mean_words": 0.0,
         "repeated_trigram_rate": 0.0,
         "repeated_sentence_rate": 0.0,
+        "unfinished_rate": 0.0,
+        "malformed_sentence_rate": 0.0,
     }
+
+
+def test_fragments_show_as_unfinished_and_malformed():
+    from mmalign.evaluate.toy import malformed_sentence_rate, unfinished
+
+    whole = tw.description(tw.make_scene(3))
+    assert not unfinished(whole) and unfinished(whole + " There is a small") and unfinished("")
+    n = len(tw.sentences(whole))
+    assert malformed_sentence_rate(whole + " zero") == pytest.approx(1 / (n + 1))  # the toy's "Continue" answer
+    assert malformed_sentence_rate("There is a red in the center.") == 1.0  # a word missing
 
 
 def test_repeated_sentence_rate_counts_verbatim_repeats():
