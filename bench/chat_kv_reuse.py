@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from bench.common import Row, Timing, peak_memory, verdict
 from mmalign.chat.session import ChatSession
 from mmalign.data import toyworld
 from mmalign.model import LoadedModel, build_model
@@ -53,6 +54,33 @@ def conversation(model, tok, kv_reuse: bool, turns: int, new_tokens: int) -> tup
             pass
         times.append((time.process_time() - c0, time.perf_counter() - w0))
     return times, len(session.ids)
+
+
+def rows(quick: bool = False, turns: int = 10, new_tokens: int = 16) -> list[Row]:
+    """One row: turn 10 re-encoding everything (baseline) vs turn 10 on the reused KV cache; the
+    note holds turn 10 / turn 1 of both modes (target <= 1.2 with reuse, CPU time)."""
+    torch.manual_seed(0)
+    model, tok = build_model(get_recipe("toy-minigpt4").spec)
+    conversation(model, tok, True, 2, 2)  # warm-up
+    last = {True: Timing(), False: Timing()}  # turn `turns` of each conversation
+    first: dict[bool, list[float]] = {True: [], False: []}  # turn 1, CPU seconds
+    for _ in range(3 if quick else 7):  # interleaved, so machine load hits both alike
+        for reuse in (False, True):
+            with peak_memory() as peak:
+                times, n_ids = conversation(model, tok, reuse, turns, new_tokens)
+            last[reuse].cpu.append(times[-1][0])
+            last[reuse].wall.append(times[-1][1])
+            last[reuse].peak_bytes = max(last[reuse].peak_bytes, peak[0])
+            first[reuse].append(times[0][0])
+    growth = {reuse: min(last[reuse].cpu) / min(first[reuse]) for reuse in (True, False)}
+    row = Row(f"chat turn {turns}, KV cache reused", "re-encode image + conversation", last[False], last[True])
+    row.unit = "s/turn"
+    row.note = (
+        f"toy-minigpt4, {new_tokens} new tokens a turn, {n_ids} tokens of context by turn {turns}; turn {turns} / "
+        f"turn 1 (best CPU): reused {growth[True]:.2f}, re-encoded {growth[False]:.2f}"
+    )
+    row.target = f"turn {turns} <= 1.2 x turn 1 with reuse (CPU): {growth[True]:.2f}, {verdict(growth[True] <= 1.2)}"
+    return [row]
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """What every benchmark shares: one result row, timing of interleaved repeats, peak memory.
 
 Timings are taken side by side in one process: baseline and optimised runs alternate, so machine
-load hits both alike; each row reports the median and the spread (min-max over repeats) of the
-wall time, and the process CPU time (all threads), which other processes on a shared machine
-disturb less. Peak memory is the process's resident set above where the measured code started
+load hits both alike; each row reports the best of the repeats (the least disturbed: the
+shortest time, the highest rate) and the spread of the wall time ((max - min) / best over the
+repeats: the run-to-run noise), and the process CPU time (all threads), which other processes
+on a shared machine disturb less. Peak memory is the process's resident set above where the measured code started
 (sampled every 5 ms; freed heap handed back to the system first), or CUDA's peak allocation.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import statistics
 import threading
@@ -28,19 +30,24 @@ class Timing:
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     peak_bytes: int = 0
+    rate: bool = False  # the values are rates (tokens/s): the best is the highest
+
+    @property
+    def best(self) -> float:
+        return max(self.wall) if self.rate else min(self.wall)
+
+    @property
+    def cpu_best(self) -> float:
+        return max(self.cpu) if self.rate else min(self.cpu)
 
     @property
     def median(self) -> float:
         return statistics.median(self.wall)
 
     @property
-    def cpu_median(self) -> float:
-        return statistics.median(self.cpu)
-
-    @property
     def spread(self) -> float:
-        """(max - min) / median of the wall times: the run-to-run noise of this piece."""
-        return (max(self.wall) - min(self.wall)) / self.median if len(self.wall) > 1 else 0.0
+        """(max - min) / best of the wall times: the run-to-run noise of this piece."""
+        return (max(self.wall) - min(self.wall)) / self.best if len(self.wall) > 1 else 0.0
 
 
 @dataclass
@@ -54,20 +61,21 @@ class Row:
     unit: str = "s"  # what the timings count (per step, per turn, ...)
     note: str = ""
     higher_is_better: bool = False  # rates (tokens/s): the ratio is fast / base
+    target: str = ""  # the issue's target for this row and whether it is met, in words
 
     @property
     def ratio(self) -> float:
         if self.higher_is_better:
-            return self.fast.median / self.base.median
-        return self.base.median / self.fast.median
+            return self.fast.best / self.base.best
+        return self.base.best / self.fast.best
 
     @property
     def cpu_ratio(self) -> float:
         if not self.base.cpu or not self.fast.cpu:
             return float("nan")
         if self.higher_is_better:
-            return self.fast.cpu_median / self.base.cpu_median
-        return self.base.cpu_median / self.fast.cpu_median
+            return self.fast.cpu_best / self.base.cpu_best
+        return self.base.cpu_best / self.fast.cpu_best
 
 
 def _rss() -> int:
@@ -149,18 +157,24 @@ def machine() -> str:
     )
 
 
+def verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
 def table(rows: list[Row]) -> str:
     """The Markdown table ``python -m bench`` prints (and docs/performance.md holds)."""
     lines = [
-        "| optimisation | baseline | baseline | optimised | ratio (wall) | ratio (CPU) | noise | peak memory "
-        "baseline / optimised | note |",
+        "| optimisation | baseline | baseline (best) | optimised (best) | ratio (wall) | ratio (CPU) | noise "
+        "| peak memory baseline / optimised | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         noise = max(r.base.spread, r.fast.spread)
+        cpu = "n/a" if math.isnan(r.cpu_ratio) else f"{r.cpu_ratio:.2f}x"
+        spread = f"{noise:.0%}" if len(r.base.wall) > 1 else "n/a"
         lines.append(
-            f"| {r.name} | {r.baseline} | {r.base.median:.4g} {r.unit} | {r.fast.median:.4g} {r.unit} | "
-            f"{r.ratio:.2f}x | {r.cpu_ratio:.2f}x | {noise:.0%} | {mib(r.base.peak_bytes)} / {mib(r.fast.peak_bytes)} "
-            f"| {r.note} |"
+            f"| {r.name} | {r.baseline} | {r.base.best:.4g} {r.unit} | {r.fast.best:.4g} {r.unit} | "
+            f"{r.ratio:.2f}x | {cpu} | {spread} | {mib(r.base.peak_bytes)} / {mib(r.fast.peak_bytes)} | {r.note} |"
         )
-    return "\n".join(lines)
+    targets = [f"- {r.name}: {r.target}" for r in rows if r.target]
+    return "\n".join(lines + (["", "Targets:", *targets] if targets else []))

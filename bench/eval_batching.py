@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from functools import partial
 
 import torch
 
+from bench.common import Row, Timing, timed
 from mmalign.evaluate.runner import run_task
 from mmalign.evaluate.toy import TASK, toy_samples
 from mmalign.model import LoadedModel
@@ -32,6 +34,29 @@ def load(model_dir: str | None) -> LoadedModel:
     recipe = get_recipe("toy-minigpt4")
     model, tok = build_model(recipe.spec)
     return LoadedModel.of(model, tok, "minigpt4_v0")
+
+
+def rows(quick: bool = False, batch_size: int = 64) -> list[Row]:
+    """One row: the toy suite's prompts answered one at a time vs ``batch_size`` at a time (the
+    same greedy answers, checked), s per prompt."""
+    loaded = load(None)
+    samples = toy_samples(n_scenes=2 if quick else 8)
+    with tempfile.TemporaryDirectory() as out:  # untimed warm-up: one-time costs land on neither side
+        run_task(TASK, samples[:4], out, loaded, batch_size=2, progress=False)
+    timings, preds = {1: Timing(), batch_size: Timing()}, {}
+    for _ in range(1 if quick else 2):
+        for bs in timings:
+            with tempfile.TemporaryDirectory() as out:
+                answer = partial(run_task, TASK, samples, out, loaded, batch_size=bs, progress=False)
+                res = timed(answer, timings[bs])
+            preds[bs] = [r["prediction"] for r in res.records]
+            timings[bs].wall[-1] /= len(samples)
+            timings[bs].cpu[-1] /= len(samples)
+    if preds[1] != preds[batch_size]:
+        raise SystemExit("batched predictions differ from batch size 1")
+    row = Row(f"evaluation, batch {batch_size}", "one prompt at a time", timings[1], timings[batch_size], "s/prompt")
+    row.note = f"toy suite, {len(samples)} prompts (questions: 8 new tokens, descriptions: 120); identical answers"
+    return [row]
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import tempfile
 
 import torch
 
+from bench.common import Row, Timing, peak_memory
 from mmalign.data import toyworld
 from mmalign.model import build_model, export, image_transform_for, load_model, num_image_tokens, weight_bytes
 from mmalign.prompts import build_generation_prompt, user_with_image
@@ -76,14 +77,13 @@ def measure(folder: str, n_prompts: int, new_tokens: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="toy model only, fewer prompts")
-    a = p.parse_args()
-    torch.manual_seed(0)
-    n, new = (4, 8) if a.quick else (8, 24)
-    models = {"toy": get_recipe("toy-minigpt4")}
-    if not a.quick:
+def models(quick: bool) -> dict:
+    """The toy recipe, and (not quick) the toy vision tower + a random ~135M-parameter Llama."""
+    import dataclasses
+
+    toy = get_recipe("toy-minigpt4")
+    out = {"toy": toy}
+    if not quick:
         llama = dict(
             model_type="llama",
             hidden_size=768,
@@ -96,28 +96,72 @@ def main() -> None:
             tie_word_embeddings=False,
             initializer_range=0.02,
         )
-        toy = get_recipe("toy-minigpt4")
         spec = with_backbones(toy).spec
-        import dataclasses
-
-        models["random-llama"] = dataclasses.replace(
-            toy, spec=dataclasses.replace(spec, llm=llama, tokenizer=str(get_recipe("toy-minigpt4").spec.llm))
+        out["random-llama"] = dataclasses.replace(
+            toy, spec=dataclasses.replace(spec, llm=llama, tokenizer=str(toy.spec.llm))
         )
+    return out
+
+
+@torch.no_grad()
+def _load_and_answer(folder: str, load_in: str | None, n_prompts: int, new_tokens: int) -> tuple[int, list]:
+    """Weight bytes of ``folder`` loaded as ``load_in``, and its greedy continuations."""
+    model, tok = load_model(folder, load_in=load_in)
+    greedy = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    answers = [model.generate(input_ids=ids, pixel_values=px, **greedy) for ids, px in prompts(model, tok, n_prompts)]
+    return weight_bytes(model), answers
+
+
+def rows(quick: bool = False) -> list[Row]:
+    """Per model, one row: int8 weights (torchao) vs float32, loaded as users load them; the
+    columns hold weight MiB (the ratio: x smaller) and the peak resident memory of loading +
+    answering, the note how many greedy answers are identical."""
+    out = []
+    n, new = (2, 8) if quick else (8, 24)
+    for name, recipe in models(quick).items():
+        torch.manual_seed(0)
+        model, tok = build_model(recipe.spec)
+        params = sum(p.numel() for p in model.parameters())
+        sizes, answers, peaks = {}, {}, {}
+        with tempfile.TemporaryDirectory() as d:
+            export(model, tok, d, template=TEMPLATE)
+            del model
+            for load_in in (None, "8bit"):
+                with peak_memory() as peak:
+                    sizes[load_in], answers[load_in] = _load_and_answer(d, load_in, n, new)
+                peaks[load_in] = peak[0]
+        same = sum(torch.equal(a, b) for a, b in zip(answers[None], answers["8bit"]))
+        base, fast = Timing([sizes[None] / 2**20], [], peaks[None]), Timing([sizes["8bit"] / 2**20], [], peaks["8bit"])
+        row = Row(f"int8 weights ({name}, {params / 1e6:.0f}M params)", "float32", base, fast, "MiB weights")
+        row.note = (
+            f"torchao int8 weight-only on CPU (vision tower, projector, LM head stay float32); ratio = x smaller; "
+            f"{same}/{n} greedy answers of {new} tokens identical"
+        )
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="toy model only, fewer prompts")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    n, new = (4, 8) if a.quick else (8, 24)
     print(f"{n} prompts x {new} greedy tokens; CPU; weights = parameters + buffers\n")
     print(
         "| model | params | variant | weight MB | x smaller | teacher-forced top-1 agree | max abs dlogit / std "
         "| identical greedy continuations |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for name, recipe in models.items():
+    for name, recipe in models(a.quick).items():
         model, tok = build_model(recipe.spec)
         params = sum(p.numel() for p in model.parameters())
         with tempfile.TemporaryDirectory() as d:
             export(model, tok, d, template=TEMPLATE)
             del model
-            rows = measure(d, n, new)
-        full = rows[0]["bytes"]
-        for r in rows:
+            measured = measure(d, n, new)
+        full = measured[0]["bytes"]
+        for r in measured:
             if "error" in r:
                 print(f"| {name} | {params / 1e6:.1f}M | {r['variant']} | n/a: {r['error']} | | | | |")
                 continue
