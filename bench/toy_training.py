@@ -6,7 +6,8 @@ sizes) train `--steps` steps each on toy-world data, the two paths alternately:
 - baseline (`mmalign toy run --baseline`): every step decodes its JPEGs, transforms them and runs
   the vision tower; batches padded to their longest sample; the loader in the main process;
 - fast (`mmalign toy run`): the run's features cached first by `mmalign cache-features`, then
-  the step loop reads them.
+  the step loop reads them; stage 1 packs its short captions into rows (`data.packing: true` in
+  its config); stage 2 does not (its descriptions are of similar lengths: packing saves nothing).
 
 Same work: each stage gets as many images per step as in the main job (stage 1: 16,000 images
 for 2,500 steps of 64, ~10 epochs; stage 2 on generator descriptions: 3,500 images for 1,000

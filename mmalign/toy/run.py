@@ -4,7 +4,8 @@ as the paper did it.
 1. write toy data to disk in the published layouts (a caption JSON for stage 1, MiniGPT-4's
    `cc_sbu_align` layout of generator-written descriptions for the upper-bound stage 2);
 2. stage 1: cache the frozen vision tower's features of its images once (`mmalign cache-features`),
-   align the projection on short captions from them (`configs/toy_stage1.yaml`), export it;
+   align the projection on short captions from them, packed into rows (`configs/toy_stage1.yaml`),
+   export it;
 3. the stage-1 model curates its own stage-2 set from the `curated` split's images: describe ->
    Continue -> fix (the toy fix LLM over HTTP) -> filter -> review (an oracle) -> export
    (`mmalign.toy.curate`, `configs/curate_toy.yaml`);
