@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmalign.curate.config import CurateConfig, RecaptionConfig
+from mmalign.curate.describe import UNREADABLE_IMAGE
 from mmalign.curate.endpoint import ChatEndpoint, EndpointError, image_part, run_concurrently
 from mmalign.curate.filters import Rule, apply_rules, parse_rules
 from mmalign.curate.store import write_json_atomic
@@ -165,7 +166,7 @@ def _write_shard(
             try:
                 image = _decode(sample)
                 stats["no_image"] += image is None
-            except (OSError, ValueError, SyntaxError) as e:
+            except UNREADABLE_IMAGE as e:
                 log.warning("%s:%s: corrupt image (%s); passed through without a caption", url, sample["__key__"], e)
                 image, stats["corrupt"] = None, stats["corrupt"] + 1
             batch.append((sample, image))

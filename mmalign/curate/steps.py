@@ -22,7 +22,14 @@ from typing import Any
 from tqdm import tqdm
 
 from mmalign.curate.config import CurateConfig
-from mmalign.curate.describe import EndpointDescriber, ImageItem, LocalDescriber, image_items, list_images
+from mmalign.curate.describe import (
+    UNREADABLE_IMAGE,
+    EndpointDescriber,
+    ImageItem,
+    LocalDescriber,
+    image_items,
+    list_images,
+)
 from mmalign.curate.endpoint import BudgetSpent, ChatEndpoint, EndpointError, run_concurrently
 from mmalign.curate.filters import apply_rules, parse_rules, rule_table
 from mmalign.curate.store import DONE, StepLog, archive_step, done_records, read_step
@@ -98,7 +105,7 @@ def _base_fields(item: ImageItem, describer: Any, prompt: str) -> dict[str, Any]
 def _open_or_fail(item: ImageItem, out: StepLog, summary: StepSummary, fields: dict[str, Any]) -> Any:
     try:
         return item.open()
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+    except UNREADABLE_IMAGE as e:
         out.failed(item.id, f"corrupt image: {e}", **fields)
         summary.failed += 1
         summary.reasons["corrupt image"] += 1
@@ -147,7 +154,7 @@ def _record_failure(
         return
     if isinstance(error, EndpointError):
         kind, raw = error.kind, error.raw
-    elif isinstance(error, (OSError, ValueError, SyntaxError)):
+    elif isinstance(error, UNREADABLE_IMAGE):
         kind, raw = "corrupt image", None
     else:
         raise error
