@@ -101,6 +101,18 @@ def model_generate(
     )
 
 
+def answer_ids(tokenizer: Any, generated: list[int], target: str) -> tuple[list[int], list[int]]:
+    """The ids a conversation keeps for an answer whose text must be ``target`` (the visible
+    answer + the turn end): the longest prefix of ``generated`` whose text starts ``target``,
+    as produced, and the ids of what the model did not say (the turn end after EOS or the token
+    budget, the rest of a token that ran past a stop string). Chat and curation both use it."""
+    keep = len(generated)
+    while keep and not target.startswith(tokenizer.decode(generated[:keep], skip_special_tokens=False)):
+        keep -= 1
+    tail = target[len(tokenizer.decode(generated[:keep], skip_special_tokens=False)) :]
+    return generated[:keep], tokenizer.encode(tail, add_special_tokens=False) if tail else []
+
+
 @torch.no_grad()
 def generate_batch(
     loaded: LoadedModel,

@@ -21,7 +21,14 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from mmalign.chat.generate import CACHE_KWARG, cut_at_stop, generation_kwargs, model_generate, stop_prefix_len
+from mmalign.chat.generate import (
+    CACHE_KWARG,
+    answer_ids,
+    cut_at_stop,
+    generation_kwargs,
+    model_generate,
+    stop_prefix_len,
+)
 from mmalign.model.architectures import check_image_tokens
 from mmalign.model.bundle import LoadedModel
 from mmalign.prompts import encode_user_turn, get_template, user_with_image
@@ -170,12 +177,9 @@ class ChatSession:
         match: the longest prefix of `generated` whose text starts `visible + turn_end` is kept
         as produced; whatever the model did not say (the turn end after EOS or the token budget,
         or the rest of a token that ran past a stop string) is encoded and appended."""
-        target = visible + self.template.turn_end
-        keep = len(generated)
-        while keep and not target.startswith(self.tokenizer.decode(generated[:keep], skip_special_tokens=False)):
-            keep -= 1
-        tail = target[len(self.tokenizer.decode(generated[:keep], skip_special_tokens=False)) :]
-        self.ids = prompt + generated[:keep] + (self.tokenizer.encode(tail, add_special_tokens=False) if tail else [])
+        kept, tail = answer_ids(self.tokenizer, generated, visible + self.template.turn_end)
+        self.ids = prompt + kept + tail
+        keep = len(kept)
         if self._cache is not None:  # it holds every id fed to the model: all but the last generated
             extra = self._cache.get_seq_length() - (len(prompt) + min(keep, max(len(generated) - 1, 0)))
             if extra > 0:

@@ -66,6 +66,10 @@ def list_images(spec: str | Path) -> list[Path]:
     return sorted(found)
 
 
+UNREADABLE_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+"""What PIL raises for a broken, truncated or oversized file: the record is counted and skipped."""
+
+
 @dataclass
 class ImageItem:
     path: Path

@@ -14,6 +14,7 @@ files.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -43,7 +44,8 @@ def _jpeg_bytes(path: str, quality: int) -> bytes:
 
 def instruction_for(id_: str) -> str:
     """One of MiniGPT-4's four instructions, fixed by the record's id (so exports are stable)."""
-    return MINIGPT4_INSTRUCTIONS[int(id_[:8], 16) % len(MINIGPT4_INSTRUCTIONS)]
+    digest = hashlib.sha256(id_.encode()).digest()  # any id, not only the sha256 ones images get
+    return MINIGPT4_INSTRUCTIONS[int.from_bytes(digest[:4], "big") % len(MINIGPT4_INSTRUCTIONS)]
 
 
 def kept_records(cfg: CurateConfig) -> list[dict[str, Any]]:

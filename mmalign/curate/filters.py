@@ -205,7 +205,10 @@ def parse_rules(items: Sequence[dict[str, Any]] | None, where: str = "rules") ->
         if unknown:
             raise ValueError(f"{where}[{i}] ({name}): unknown parameter(s) {unknown}; {kind} takes {sorted(known)}")
         if "phrases" in params:
-            params["phrases"] = tuple(params["phrases"])
+            phrases = params["phrases"]
+            if isinstance(phrases, str) or not all(isinstance(x, str) for x in phrases):
+                raise ValueError(f"{where}[{i}] ({name}): phrases is a list of strings, got {phrases!r}")
+            params["phrases"] = tuple(phrases)
         rules.append(cls(name=name, **params))
     if len({r.name for r in rules}) != len(rules):
         raise ValueError(f"{where}: rule names must be unique, got {[r.name for r in rules]}")

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from mmalign.chat.generate import CACHE_KWARG, generation_kwargs, model_generate
+from mmalign.chat.generate import CACHE_KWARG, answer_ids, generation_kwargs, model_generate
 from mmalign.data.collate import left_pad
 from mmalign.model.bundle import LoadedModel
 from mmalign.prompts import build_generation_prompt, cut_at_stop, encode_user_turn, get_template, user_with_image
@@ -48,13 +48,8 @@ def settle(tokenizer: Any, stops: Sequence[str], turn_end: str, generated: list[
     """The answer in ``generated`` and the ids that make it, as ``ChatSession`` keeps them: the
     longest prefix whose text starts ``answer + turn_end``, plus the ids of what is missing."""
     visible, _ = cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), stops)
-    target = visible + turn_end
-    keep = len(generated)
-    while keep and not target.startswith(tokenizer.decode(generated[:keep], skip_special_tokens=False)):
-        keep -= 1
-    tail = target[len(tokenizer.decode(generated[:keep], skip_special_tokens=False)) :]
-    tail_ids = tokenizer.encode(tail, add_special_tokens=False) if tail else []
-    return RowAnswer(visible.strip(), generated[:keep], tail_ids)
+    kept, tail = answer_ids(tokenizer, generated, visible + turn_end)
+    return RowAnswer(visible.strip(), kept, tail)
 
 
 @torch.no_grad()

@@ -7,7 +7,10 @@
 - A shard is written to ``<name>.tmp``, renamed, then marked by ``<name>.done.json`` (its
   counts); a marked shard is skipped on rerun, an unmarked one is written again from scratch,
   so every shard is in the output exactly once.
-- A corrupt image is counted and its sample passed through without a new caption; a caption a
+- A corrupt image is counted and its sample passed through without a new caption; an image
+  the endpoint gave no caption for (timeouts, 5xx after retries) leaves its shard unfinished:
+  not renamed, not marked, redone by the next run; a spent budget or a server that stopped
+  answering ends this rank's run there (the shards left are redone next time). A caption a
   rule drops (e.g. one sentence repeated, the failure users of ShareCaptioner report) is not
   written, and counted per rule.
 - Backends: a local model (batched ``generate_batch``) or an OpenAI-compatible endpoint
@@ -32,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmalign.curate.config import CurateConfig, RecaptionConfig
+from mmalign.curate.describe import UNREADABLE_IMAGE
 from mmalign.curate.endpoint import ChatEndpoint, EndpointError, image_part, run_concurrently
 from mmalign.curate.filters import Rule, apply_rules, parse_rules
 from mmalign.curate.store import write_json_atomic
@@ -39,6 +43,7 @@ from mmalign.curate.store import write_json_atomic
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 Captioner = Callable[[Sequence[Image.Image]], list[str | None]]  # None: no caption for that image
+STOPS_THE_RUN = ("budget spent", "unreachable", "connection error")  # no later request can succeed
 
 
 def local_captioner(cfg: RecaptionConfig) -> Captioner:
@@ -76,10 +81,10 @@ def endpoint_captioner(cfg: RecaptionConfig, rank: int, api_key: str | None = No
     def caption(images: Sequence[Image.Image]) -> list[str | None]:
         out: dict[int, str | None] = {}
         for i, text, error in run_concurrently(range(len(images)), lambda i: one(images[i]), endpoint_cfg.concurrency):
-            if error is not None and not isinstance(error, EndpointError):
+            if error is not None and (not isinstance(error, EndpointError) or error.kind in STOPS_THE_RUN):
                 raise error
             if error is not None:
-                log.warning("recaption: image %d of a batch: %s", i, error)
+                log.warning("recaption: image %d of a batch of %d: %s", i, len(images), error)
             out[i] = text
         return [out[i] for i in range(len(images))]
 
@@ -102,12 +107,35 @@ def recaption_shard(
     url: str, target: Path, caption: Captioner, cfg: RecaptionConfig, rules: list[Rule], bar: tqdm
 ) -> dict[str, Any]:
     """One shard -> ``target`` (written under a temporary name, then renamed); its counts."""
-    import webdataset as wds
-
     stats: Counter = Counter()
     dropped: Counter = Counter()
     tmp = target.with_name(target.name + ".tmp")
     started = time.monotonic()
+    try:
+        _write_shard(url, tmp, caption, cfg, rules, bar, stats, dropped)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a stopped run keeps no half-written shard
+        raise
+    if stats["no_caption"]:
+        tmp.unlink()
+    else:
+        os.replace(tmp, target)
+    seconds = time.monotonic() - started
+    return {"shard": url, **stats, "dropped_by_rule": dict(dropped), "seconds": round(seconds, 2)}
+
+
+def _write_shard(
+    url: str,
+    tmp: Path,
+    caption: Captioner,
+    cfg: RecaptionConfig,
+    rules: list[Rule],
+    bar: tqdm,
+    stats: Counter,
+    dropped: Counter,
+) -> None:
+    import webdataset as wds
+
     with open(tmp, "wb") as f:
         writer = wds.TarWriter(f, encoder=False)
         batch: list[tuple[dict[str, Any], Image.Image | None]] = []
@@ -125,7 +153,10 @@ def recaption_shard(
                 elif text:
                     dropped[rule] += 1
                 elif image is not None:
-                    stats["no_caption"] += 1  # the endpoint gave none: counted, sample kept
+                    stats["no_caption"] += 1  # the endpoint gave none: the shard stays unfinished
+                    log.warning(
+                        "%s:%s: no caption from the endpoint; the shard is redone next run", url, sample["__key__"]
+                    )
                 writer.write(members)
                 stats["samples"] += 1
             bar.update(len(batch))
@@ -135,7 +166,7 @@ def recaption_shard(
             try:
                 image = _decode(sample)
                 stats["no_image"] += image is None
-            except (OSError, ValueError, SyntaxError) as e:
+            except UNREADABLE_IMAGE as e:
                 log.warning("%s:%s: corrupt image (%s); passed through without a caption", url, sample["__key__"], e)
                 image, stats["corrupt"] = None, stats["corrupt"] + 1
             batch.append((sample, image))
@@ -144,9 +175,6 @@ def recaption_shard(
         if batch:
             flush()
         writer.close()
-    os.replace(tmp, target)
-    seconds = time.monotonic() - started
-    return {"shard": url, **stats, "dropped_by_rule": dict(dropped), "seconds": round(seconds, 2)}
 
 
 def run_recaption(
@@ -166,6 +194,9 @@ def run_recaption(
         raise ValueError("recaption: set recaption.shards (input shards) and recaption.out (output folder)")
     rank, world = rank_world(rank, world)
     shards = sorted(expand_shards(rc.shards))
+    names = Counter(Path(u).name for u in shards)
+    if clashes := sorted(n for n, k in names.items() if k > 1):
+        raise ValueError(f"recaption.shards: shards from different folders share the names {clashes[:5]}")
     mine = shards[rank::world]
     out = Path(rc.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,12 +206,21 @@ def run_recaption(
         caption = endpoint_captioner(rc, rank, api_key) if rc.backend == "openai" else local_captioner(rc)
     total = sum(count_shard_samples(u) for u in todo)
     mine_stats: list[dict[str, Any]] = []
+    stopped: str | None = None
     with tqdm(total=total, desc=f"recaption rank {rank}", unit="img", dynamic_ncols=True) as bar:
         for url in todo:
-            stats = recaption_shard(url, out / Path(url).name, caption, rc, rules, bar)
-            write_json_atomic(out / f"{Path(url).name}.done.json", stats)
+            try:
+                stats = recaption_shard(url, out / Path(url).name, caption, rc, rules, bar)
+            except EndpointError as e:
+                stopped = f"{url}: {e}"
+                log.error("recaption rank %d stopped at %s; rerun to finish the shards left", rank, stopped)
+                break
+            if not stats.get("no_caption"):
+                write_json_atomic(out / f"{Path(url).name}.done.json", stats)
             mine_stats.append(stats)
     tally = _tally(mine_stats, skipped=len(mine) - len(todo))
+    tally["shards_unfinished"] = len(todo) - tally["shards_written"]
+    tally["stopped"] = [stopped] if stopped else []
     everyone = _gather(tally)
     if rank == 0:
         print(json.dumps(everyone, indent=1))
@@ -191,7 +231,8 @@ def _tally(per_shard: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
     keys = ("samples", "captioned", "corrupt", "no_image", "no_caption")
     out: dict[str, Any] = {k: sum(s.get(k, 0) for s in per_shard) for k in keys}
     out["dropped_by_rule"] = dict(sum((Counter(s["dropped_by_rule"]) for s in per_shard), Counter()))
-    out["shards_written"], out["shards_skipped"] = len(per_shard), skipped
+    out["shards_written"] = sum(not s.get("no_caption") for s in per_shard)
+    out["shards_skipped"] = skipped
     seconds = sum(s["seconds"] for s in per_shard)
     out["images_per_s"] = round(out["samples"] / seconds, 2) if seconds else None
     return out
@@ -212,10 +253,12 @@ def _gather(tally: dict[str, Any]) -> dict[str, Any]:
     finally:
         if not started:
             dist.destroy_process_group()
-    total = _tally([], 0)
+    total = {**_tally([], 0), "shards_unfinished": 0, "stopped": []}
     for p in parts:
         for k in ("samples", "captioned", "corrupt", "no_image", "no_caption", "shards_written", "shards_skipped"):
             total[k] += p[k]
+        total["shards_unfinished"] += p["shards_unfinished"]
+        total["stopped"] += p["stopped"]
         total["dropped_by_rule"] = dict(Counter(total["dropped_by_rule"]) + Counter(p["dropped_by_rule"]))
     speeds = [p["images_per_s"] for p in parts if p["images_per_s"]]
     total["images_per_s"] = round(sum(speeds), 2) if speeds else None  # ranks run side by side

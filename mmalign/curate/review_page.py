@@ -69,8 +69,8 @@ class ReviewState:
         if current is None:
             return
         original = self.by_id[current]["text"]
-        if decision == "edited" and text.strip() == original.strip():
-            decision = "accepted"  # saving an unchanged text is an accept
+        if decision in ("accepted", "edited"):  # what is accepted is the text box as it stands
+            decision = "accepted" if text.strip() == original.strip() else "edited"
         self.db.decide(current, decision, text.strip() if decision == "edited" else original, self.reviewer)
 
     def progress_line(self) -> str:

@@ -9,6 +9,8 @@ talking to each other. Every step shows a progress bar (items/s, ETA) and return
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from collections import Counter
@@ -20,7 +22,14 @@ from typing import Any
 from tqdm import tqdm
 
 from mmalign.curate.config import CurateConfig
-from mmalign.curate.describe import EndpointDescriber, ImageItem, LocalDescriber, image_items, list_images
+from mmalign.curate.describe import (
+    UNREADABLE_IMAGE,
+    EndpointDescriber,
+    ImageItem,
+    LocalDescriber,
+    image_items,
+    list_images,
+)
 from mmalign.curate.endpoint import BudgetSpent, ChatEndpoint, EndpointError, run_concurrently
 from mmalign.curate.filters import apply_rules, parse_rules, rule_table
 from mmalign.curate.store import DONE, StepLog, archive_step, done_records, read_step
@@ -96,7 +105,7 @@ def _base_fields(item: ImageItem, describer: Any, prompt: str) -> dict[str, Any]
 def _open_or_fail(item: ImageItem, out: StepLog, summary: StepSummary, fields: dict[str, Any]) -> Any:
     try:
         return item.open()
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+    except UNREADABLE_IMAGE as e:
         out.failed(item.id, f"corrupt image: {e}", **fields)
         summary.failed += 1
         summary.reasons["corrupt image"] += 1
@@ -145,7 +154,7 @@ def _record_failure(
         return
     if isinstance(error, EndpointError):
         kind, raw = error.kind, error.raw
-    elif isinstance(error, (OSError, ValueError, SyntaxError)):
+    elif isinstance(error, UNREADABLE_IMAGE):
         kind, raw = "corrupt image", None
     else:
         raise error
@@ -200,6 +209,9 @@ def _fix_endpoint(cfg, endpoint: ChatEndpoint, todo, out, bar, summary) -> None:
 
     for rec, reply, error in run_concurrently(todo, work, endpoint.cfg.concurrency, stop):
         fields = _fix_fields(cfg, rec, endpoint.where)
+        if error is None and reply.finish_reason == "length":  # a cut-off paragraph is not a repair
+            cap = f"endpoint.max_tokens={endpoint.cfg.max_tokens}"
+            error = EndpointError("truncated reply", f"the reply stopped at {cap}; raise it", reply.raw)
         if error is None:
             out.done(rec["id"], **fields, raw=reply.raw, text=reply.text, finish_reason=reply.finish_reason)
             summary.done += 1
@@ -241,21 +253,36 @@ def _fix_local(cfg, loaded, todo, out, bar, summary) -> None:
 
 
 def run_filter(cfg: CurateConfig, *, redo: bool = False) -> StepSummary:
-    """Apply the rules to every fixed record not filtered yet; write and print the rule table."""
-    if redo or cfg.filter.redo:
-        archive_step(cfg.workdir, "filter")
+    """Apply the rules to every fixed record not filtered yet; write and print the rule table.
+
+    Some rules judge a record against all the others (``ignores_image`` counts identical texts),
+    so each filter record keeps a fingerprint of the fixed set it was judged in: when the fix
+    step has finished more records since (it was interrupted), the whole set is filtered again,
+    and the export equals an uninterrupted run's. One process does it (rank 0): it is cheap."""
+    summary = StepSummary("filter")
+    if rank_world(None, None)[0] != 0:
+        return summary
     fixed = sorted(done_records(cfg.workdir, "fix").values(), key=lambda r: (r["image"], r["id"]))
     if not fixed:
         raise ValueError(f"filter: no fixed records in {cfg.workdir}/fix (run `mmalign curate fix` first)")
+    fingerprint = hashlib.sha256(json.dumps([(r["id"], r["text"]) for r in fixed]).encode()).hexdigest()[:16]
+    earlier = {r.get("fixed_set") for r in read_step(cfg.workdir, "filter").values()}
+    if redo or cfg.filter.redo or earlier - {fingerprint}:
+        if not (redo or cfg.filter.redo):
+            log.info("filter: the fixed set changed since the last filter run; filtering all of it again")
+        archive_step(cfg.workdir, "filter")
+    pending = len(done_records(cfg.workdir, "describe")) - len(fixed)
+    if pending:
+        log.warning("filter: %d described record(s) are not fixed yet; a later filter run includes them", pending)
     rules = parse_rules(cfg.filter.rules, "filter.rules")
     for rule in rules:
         rule.prepare([r["text"] for r in fixed])
-    summary = StepSummary("filter")
     todo = _todo(fixed, read_step(cfg.workdir, "filter"), lambda r: r["id"], summary)
     with StepLog(cfg.workdir, "filter") as out, _bar("filter", len(fixed), summary.already, "rec") as bar:
         for rec in todo:
             first, matched = apply_rules(rules, rec["text"])
-            out.done(rec["id"], image=rec["image"], text=rec["text"], kept=first is None, rule=first, matched=matched)
+            verdict = {"kept": first is None, "rule": first, "matched": matched, "fixed_set": fingerprint}
+            out.done(rec["id"], image=rec["image"], text=rec["text"], **verdict)
             summary.done += 1
             bar.update(1)
     table = filter_table(cfg, rules)

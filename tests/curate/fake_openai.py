@@ -3,7 +3,8 @@
 The reply to a message is ``FIXED <last paragraph>``. A paragraph may carry cues that make the
 server misbehave on its first ``k`` requests for that paragraph: ``[429xk]``, ``[500xk]``,
 ``[slowxk]`` (answers after ``slow_s``, past the client's timeout), ``[malformedxk]`` (a 200 that
-is not JSON), ``[emptyxk]`` (a 200 whose message has no text). ``die_after`` stops the whole
+is not JSON), ``[emptyxk]`` (a 200 whose message has no text), ``[lengthxk]`` (a reply cut at ``max_tokens``:
+``finish_reason`` "length"). ``die_after`` stops the whole
 server after that many requests (a server that dies mid-run).
 """
 
@@ -16,7 +17,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-CUE = re.compile(r"\[(429|500|slow|malformed|empty)x(\d+)\]")
+CUE = re.compile(r"\[(429|500|slow|malformed|empty|length)x(\d+)\]")
 
 
 class FakeOpenAI:
@@ -73,16 +74,18 @@ class FakeOpenAI:
                     return self._reply(body, f"FIXED {paragraph}")
                 if kind == "malformed":
                     return self._send(200, b"<html>upstream error</html>", {"Content-Type": "application/json"})
+                if kind == "length":
+                    return self._reply(body, f"FIXED {paragraph}"[:12], finish_reason="length")
                 self._reply(body, "")
 
-            def _reply(self, body: dict, text: str) -> None:
+            def _reply(self, body: dict, text: str, finish_reason: str = "stop") -> None:
                 payload = {
                     "id": "chatcmpl-fake",
                     "object": "chat.completion",
                     "created": 0,
                     "model": body.get("model", "fake"),
                     "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
                     ],
                     "usage": {"prompt_tokens": 1, "completion_tokens": len(text.split()), "total_tokens": 1},
                 }

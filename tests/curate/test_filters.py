@@ -65,6 +65,7 @@ def test_first_matching_rule_names_the_drop_and_all_matches_are_kept():
         ([{"name": "x", "kind": "sentiment"}], "unknown kind 'sentiment'"),
         ([{"name": "too_short", "min_word": 3}], "unknown parameter(s) ['min_word']"),
         ([{"name": "too_short"}, {"name": "too_short"}], "unique"),
+        ([{"name": "sorry", "kind": "phrases", "phrases": "I apologize"}], "phrases is a list of strings"),
     ],
 )
 def test_bad_rules_are_named(items, message):

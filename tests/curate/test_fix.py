@@ -42,7 +42,7 @@ def server():
 
 def test_retries_recover_and_what_cannot_be_read_stays_pending(tmp_path, server):
     paragraphs = ["plain one.", "[429x2] busy.", "[500x1] crash.", "[slowx1] slow.", "[429x5] very busy."]
-    paragraphs += ["[malformedx1] junk.", "[emptyx1] nothing."]
+    paragraphs += ["[malformedx1] junk.", "[emptyx1] nothing.", "[lengthx1] cut off."]
     cfg = described(tmp_path, paragraphs)
     first = run_fix(cfg, endpoint(server.url), rank=0, world=1)
 
@@ -55,10 +55,12 @@ def test_retries_recover_and_what_cannot_be_read_stays_pending(tmp_path, server)
     assert state["id05"]["status"] == "failed" and "malformed reply" in state["id05"]["error"]
     assert state["id05"]["raw"] == "<html>upstream error</html>"  # the raw reply is kept
     assert state["id06"]["status"] == "failed" and "no text" in state["id06"]["error"]
-    assert first.done == 4 and first.failed == 3
+    assert state["id07"]["status"] == "failed" and "truncated reply" in state["id07"]["error"]
+    assert json.loads(state["id07"]["raw"])["choices"][0]["finish_reason"] == "length"
+    assert first.done == 4 and first.failed == 4
 
     second = run_fix(cfg, endpoint(server.url), rank=0, world=1)
-    assert second.already == 4 and second.done == 3 and second.failed == 0
+    assert second.already == 4 and second.done == 4 and second.failed == 0
     fixed = done_records(tmp_path, "fix")
     assert {k: r["text"] for k, r in fixed.items()} == {f"id{i:02d}": f"FIXED {p}" for i, p in enumerate(paragraphs)}
     assert sorted(done_lines(tmp_path)) == sorted(fixed)  # one done line per record, ever

@@ -113,3 +113,29 @@ def test_recaption_through_endpoints_one_per_rank(tmp_path):
     assert first["recap.txt"] == f"FIXED {cfg.recaption.prompt}".encode()
     body = servers[1].bodies[0]["messages"][0]["content"]
     assert body[0]["text"] == cfg.recaption.prompt and body[1]["image_url"]["url"].startswith("data:image/png")
+
+
+def test_a_server_dying_mid_run_leaves_its_shards_unfinished_and_the_rerun_completes_them(tmp_path):
+    from .fake_openai import FakeOpenAI
+
+    pattern = write_shards(tmp_path / "in")
+    cfg = CurateConfig(workdir=str(tmp_path / "w"))
+    out = tmp_path / "out"
+
+    def run(server):
+        cfg.recaption = RecaptionConfig(shards=pattern, out=str(out), backend="openai", base_urls=[server.url])
+        cfg.recaption.endpoint.model, cfg.recaption.endpoint.backoff_s = "captioner", 0.01
+        cfg.recaption.endpoint.max_attempts = 2
+        try:
+            return run_recaption(cfg, rank=0, world=1)
+        finally:
+            server.stop()
+
+    first = run(FakeOpenAI(die_after=4))  # shard 0 (3 images) answered, shard 1 dies after its first image
+    assert first["shards_written"] == 1 and first["stopped"] and first["shards_unfinished"] == 4
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]  # nothing half-captioned is kept
+    assert not list(out.glob("*.tmp"))
+    second = run(FakeOpenAI())
+    assert (second["shards_written"], second["shards_skipped"], second["stopped"]) == (4, 1, [])
+    captioned = [s for n in range(N_SHARDS) for s in read_shard(out / f"{n:05d}.tar") if "recap.txt" in s]
+    assert len(captioned) == N_SHARDS * PER_SHARD - 1  # every image but the corrupt one, each once

@@ -175,6 +175,14 @@ def test_saving_an_unchanged_text_is_an_accept(tmp_path):
     assert state.pick("all", "id3", 1) == "id0"  # next wraps around
 
 
+def test_accepting_a_changed_text_keeps_the_change(tmp_path):
+    cfg = make_workdir(tmp_path)
+    db = ReviewDB(cfg.db_path)
+    state = ReviewState(review_items(cfg), db)
+    state.decide("id2", "accepted", "A shorter text.")  # typed, then Accept instead of Ctrl+Enter
+    assert (db.decisions()["id2"]["decision"], db.decisions()["id2"]["text"]) == ("edited", "A shorter text.")
+
+
 def test_a_bad_decision_is_refused(tmp_path):
     with pytest.raises(ValueError, match="decision must be one of"):
         ReviewDB(tmp_path / "r.sqlite").decide("x", "maybe", "text")
