@@ -166,8 +166,8 @@ def user_with_image(template: str | Template, text: str) -> str:
 def sample_instruction(rng: Any = None, template: str | Template | None = "minigpt4_v0") -> str:
     """A random MiniGPT-4 stage-2 instruction, with the template's image marker unless None.
 
-    ``rng``: ``random.Random``, ``numpy.random.Generator`` or None (module ``random``, which
-    torch reseeds per DataLoader worker).
+    ``rng``: ``random.Random``, ``numpy.random.Generator`` or None (module ``random``, which the
+    training datasets seed per sample and epoch: ``mmalign.data.sources.sample_randomness``).
     """
     n = len(MINIGPT4_INSTRUCTIONS)
     if rng is None:

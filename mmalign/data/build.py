@@ -253,7 +253,7 @@ def _open_source(
         return stream(urls, encode, image_transform, **opts, **extra)
     lookup = None if features is None else FeatureLookup(features.shards(index), seed, features.views)
     records = _records_for_training(cfg, src, kind, skips)
-    dataset = MultimodalDataset(records, encode, image_transform, skips=skips, features=lookup)
+    dataset = MultimodalDataset(records, encode, image_transform, skips=skips, features=lookup, seed=seed)
     return IndexStream(dataset, seed=seed, rank=rank, world=world) if as_stream else dataset
 
 

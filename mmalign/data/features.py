@@ -201,7 +201,8 @@ class FeatureShardStream(ShardStream):
             return None
         features = decode_features(s[FEATURES])[view_index(self.seed, self.epoch, s["__key__"], self.views)]
         rec = CaptionRecord(image=None, caption=caption, key=where)
-        return encode_sample(rec, features, self.encode_fn, None, self.skips, where, image_key="image_features")
+        draws = (self.seed, self.epoch, where)
+        return encode_sample(rec, features, self.encode_fn, None, self.skips, where, "image_features", draws)
 
 
 __all__ = [

@@ -8,6 +8,8 @@ kill a run, and nothing is dropped silently.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -409,6 +412,26 @@ def load_image(ref: ImageRef | IO[bytes]) -> Image.Image:
         return im.convert("RGB")
 
 
+@contextlib.contextmanager
+def sample_randomness(seed: int, epoch: int, key: str):
+    """Python's and torch's CPU generators seeded from (seed, epoch, sample) while one sample
+    is encoded (the drawn instruction, the random crop), then put back as they were.
+
+    A sample's draws then depend on nothing but which sample it is in which epoch: not on the
+    DataLoader worker that makes it, their number, or a resume in the middle of an epoch (the
+    process-wide state a worker inherits is reseeded by torch per worker and per iterator)."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{key}".encode()).digest()
+    sample_seed = int.from_bytes(digest[:8], "little")
+    python_state, torch_state = random.getstate(), torch.random.default_generator.get_state()
+    random.seed(sample_seed)
+    torch.random.default_generator.manual_seed(sample_seed)  # CPU only: manual_seed would seed CUDA too
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        torch.random.default_generator.set_state(torch_state)
+
+
 def encode_sample(
     rec: Record,
     image: Any,
@@ -417,11 +440,16 @@ def encode_sample(
     skips: SkipCounter,
     where: str,
     image_key: str = "pixel_values",
+    draws: tuple[int, int, str] | None = None,
 ) -> dict[str, Any] | None:
     """One record with its decoded image (or None) -> a training sample, or None (counted).
 
     Shared by the map-style dataset and the streams, so both give identical samples. From a
-    feature cache ``image`` is the cached features (``image_key="image_features"``, no transform)."""
+    feature cache ``image`` is the cached features (``image_key="image_features"``, no transform).
+    ``draws`` = (seed, epoch, sample key): the random draws come from ``sample_randomness``."""
+    if draws is not None:
+        with sample_randomness(*draws):
+            return encode_sample(rec, image, encode_fn, image_transform, skips, where, image_key)
     try:
         enc = encode_fn(rec)
     except ValueError as e:
@@ -481,16 +509,19 @@ class MultimodalDataset(Dataset):
         *,
         skips: SkipCounter | None = None,
         features: Any = None,
+        seed: int = 0,
     ) -> None:
         self.records = records
         self.encode_fn = encode_fn
         self.image_transform = image_transform
         self.skips = skips if skips is not None else SkipCounter()
         self.features = features
+        self.seed = seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch whose cached view each record gets (no effect without ``features``)."""
+        """The epoch whose random draws (instruction, crop; the cached view with ``features``)
+        each record gets."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -516,6 +547,7 @@ class MultimodalDataset(Dataset):
         except SampleProblem as problem:
             self.skips.add(problem.reason, where, problem.detail)
             return None
+        draws = (self.seed, self.epoch, f"#{index}")
         if self.features is None:
-            return encode_sample(rec, image, self.encode_fn, self.image_transform, self.skips, where)
-        return encode_sample(rec, image, self.encode_fn, None, self.skips, where, image_key="image_features")
+            return encode_sample(rec, image, self.encode_fn, self.image_transform, self.skips, where, draws=draws)
+        return encode_sample(rec, image, self.encode_fn, None, self.skips, where, "image_features", draws)

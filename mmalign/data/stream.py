@@ -386,7 +386,8 @@ class ShardStream(StreamDataset):
             self.skips.add(problem.reason, where, problem.detail)
             return None
         rec = CaptionRecord(image=image, caption=caption, key=where)
-        return encode_sample(rec, image, self.encode_fn, self.image_transform, self.skips, where)
+        draws = (self.seed, self.epoch, where)
+        return encode_sample(rec, image, self.encode_fn, self.image_transform, self.skips, where, draws=draws)
 
 
 def sample_where(s: dict[str, Any]) -> str:

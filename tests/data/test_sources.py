@@ -327,3 +327,31 @@ def test_truncated_samples_are_named_and_logged(tmp_path, tiny_tokenizer, caplog
     s = ds.skipped
     assert s["truncated"] == 4 and s["truncated_examples"] == ["caps.json#0", "caps.json#1"] and s["total"] == 0
     assert merge_summaries([s, s])["truncated_examples"] == ["caps.json#0", "caps.json#1"] * 2
+
+
+def test_random_draws_depend_on_the_sample_and_epoch_only(tmp_path, tiny_tokenizer):
+    """The drawn instruction and random crop of a sample are the same whichever DataLoader
+    worker makes it and however many there are (so a resume with workers is exact), change
+    with the epoch, and leave the process-wide generators as they were."""
+    from mmalign.model.processing import random_crop_box
+
+    for i in range(8):
+        Image.effect_noise((32, 32), 60 + i).convert("RGB").save(tmp_path / f"{i}.jpg")
+    enc = make_conversation_encoder(tiny_tokenizer, "minigpt4_v0", N)
+    recs = [CaptionRecord(tmp_path / f"{i}.jpg", "A dog.") for i in range(8)]
+    ds = MultimodalDataset(recs, enc, lambda im: to_tensor(im.crop(random_crop_box(im.size))), seed=3)
+
+    def epoch(e, workers):
+        ds.set_epoch(e)
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=lambda b: b)
+        return [(x["input_ids"], x["pixel_values"]) for batch in loader for x in batch]
+
+    state = torch.random.get_rng_state()
+    ds[0]
+    assert torch.equal(torch.random.get_rng_state(), state)  # dropout's generator is not touched
+    alone = epoch(0, 0)
+    for (ids_a, px_a), (ids_b, px_b) in zip(alone, epoch(0, 2)):
+        assert ids_a == ids_b and torch.equal(px_a, px_b)
+    assert len({tuple(ids) for ids, _ in alone}) > 1  # instructions are drawn, not fixed
+    later = epoch(1, 0)
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(alone, later))  # a new crop each epoch
