@@ -63,7 +63,19 @@ def write_toy_data(out: Path, n_stage1: int = STAGE1_PAIRS, n_stage2: int = STAG
 
 
 CURATED_IMAGES = 1500  # MiniGPT-4 described 5,000 and kept ~3,500; the toy's stage-1 model keeps fewer (docs/curate.md)
-CURATED_STEPS = 600  # stage 2 on the self-curated set (~400 records) runs fewer steps than on 3,500 (1000)
+
+
+def curated_steps(n_records: int) -> int:
+    """Stage-2 steps on the self-curated set: as many passes over its records as the upper bound
+    makes over its 3,500 (toy_stage2.yaml: 1,000 steps of 24, ~6.9 epochs). A fixed step count
+    on a few hundred records would show each one ~40 times and teach the model to recite them."""
+    from mmalign.config import load_config
+
+    train = load_config(CONFIGS / "toy_stage2.yaml").train
+    epochs = train.max_steps * train.batch_size / STAGE2_PAIRS
+    return max(train.warmup_steps * 2, round(epochs * n_records / train.batch_size))
+
+
 STAGES = {  # report column -> what stage 2 trained on
     "stage1": "stage 1 only (captions)",
     "stage2": "stage 2 on the self-curated set (the method)",
@@ -119,7 +131,7 @@ def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = (), ba
     init = (f"model.init_trainable={ckpt1}", *steps)
     curated = export_dir / "cc_sbu_align" / "filter_cap.json"
     trained = {"stage1": (cfg1, ckpt1)}
-    fewer = () if quick else (f"train.max_steps={CURATED_STEPS}",)
+    fewer = () if quick else (f"train.max_steps={curated_steps(funnel['kept'])}",)
     trained["stage2"] = train_stage(
         "toy_stage2.yaml", out / "stage2", curated, (*init, *fewer, *speed("stage2", curated))
     )
