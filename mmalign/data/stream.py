@@ -275,7 +275,7 @@ _CUT_SHORT = {"truncated header", "unexpected end of data"}
 
 def _tar_error_reason(exn: Exception) -> str:
     """What a stream error says about a shard: "not a tar file", "truncated tar" or "unreadable tar"."""
-    first = str(exn.args[0]) if exn.args else ""
+    first = str(exn.args[0]).split(" @ ")[0] if exn.args else ""  # webdataset appends " @ <stream>"
     if isinstance(exn, tarfile.ReadError) and first in _NOT_A_TAR:
         return "not a tar file"
     if isinstance(exn, EOFError) or (isinstance(exn, tarfile.ReadError) and first in _CUT_SHORT):

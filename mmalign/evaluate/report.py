@@ -112,5 +112,5 @@ def write_toy_report(
         out,
         intro=intro,
         notes=list(notes),
-        chart_title="toy world: stage 1 vs stage 2",
+        chart_title="toy world, " + " vs ".join(by_stage),
     )
