@@ -104,3 +104,26 @@ def build_tiny_spec(arch: str, tokenizer=None, **overrides):
 def tiny_spec() -> Callable[..., object]:
     """``tiny_spec(arch, **overrides)`` -> ModelSpec with a fresh tiny tokenizer."""
     return build_tiny_spec
+
+
+BROWSER_WAIT = 30  # seconds, for any one thing to appear on a page driven by ``browser``
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless chromium through Selenium, for the web demo and the review page."""
+    from pathlib import Path
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, chromedriver = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+    assert chromium.exists() and chromedriver.exists(), "apt-get install -y chromium chromium-driver (see .ci/run)"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(chromium)  # set explicitly: selenium-manager must not download a browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(chromedriver)), options=opts)
+    driver.set_page_load_timeout(BROWSER_WAIT)
+    yield driver
+    driver.quit()

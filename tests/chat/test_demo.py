@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from mmalign.cli import main
 from mmalign.model import LoadedModel, build_model
 from mmalign.recipes import get_recipe
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 GREEDY = {"do_sample": False, "num_beams": 1, "max_new_tokens": demo_mod.MAX_NEW_TOKENS}
 WAIT = 30  # seconds, for any one thing to appear on the page
 
@@ -59,22 +57,6 @@ def url(toy):
     demo = launch(toy, host="127.0.0.1", port=port, block=False)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "apt-get install -y chromium chromium-driver (see .ci/run)"
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)  # set explicitly: selenium-manager must not download a browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    driver.set_page_load_timeout(WAIT)
-    yield driver
-    driver.quit()
 
 
 class Page:

@@ -16,7 +16,6 @@ from mmalign.curate.review import ReviewDB, progress, review_items
 from mmalign.curate.review_page import ReviewState, launch_review
 from mmalign.curate.store import StepLog
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 WAIT = 30
 TEXTS = [f"The image shows {n} objects on a gray background. There is a red circle number {n}." for n in range(4)]
 
@@ -38,22 +37,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "apt-get install -y chromium chromium-driver (see .ci/run)"
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    driver.set_page_load_timeout(WAIT)
-    yield driver
-    driver.quit()
 
 
 class Page:
