@@ -205,7 +205,7 @@ def run_recaption(
     if caption is None:
         caption = endpoint_captioner(rc, rank, api_key) if rc.backend == "openai" else local_captioner(rc)
     total = sum(count_shard_samples(u) for u in todo)
-    mine_stats: list[dict[str, Any]] = []
+    finished: list[dict[str, Any]] = []  # the counts of the shards written and marked this run
     stopped: str | None = None
     with tqdm(total=total, desc=f"recaption rank {rank}", unit="img", dynamic_ncols=True) as bar:
         for url in todo:
@@ -217,9 +217,8 @@ def run_recaption(
                 break
             if not stats.get("no_caption"):
                 write_json_atomic(out / f"{Path(url).name}.done.json", stats)
-            mine_stats.append(stats)
-    tally = _tally(mine_stats, skipped=len(mine) - len(todo))
-    tally["shards_unfinished"] = len(todo) - tally["shards_written"]
+                finished.append(stats)
+    tally = _tally(finished, skipped=len(mine) - len(todo), unfinished=len(todo) - len(finished))
     tally["stopped"] = [stopped] if stopped else []
     everyone = _gather(tally)
     if rank == 0:
@@ -227,13 +226,14 @@ def run_recaption(
     return everyone
 
 
-def _tally(per_shard: list[dict[str, Any]], skipped: int) -> dict[str, Any]:
-    keys = ("samples", "captioned", "corrupt", "no_image", "no_caption")
-    out: dict[str, Any] = {k: sum(s.get(k, 0) for s in per_shard) for k in keys}
-    out["dropped_by_rule"] = dict(sum((Counter(s["dropped_by_rule"]) for s in per_shard), Counter()))
-    out["shards_written"] = sum(not s.get("no_caption") for s in per_shard)
-    out["shards_skipped"] = skipped
-    seconds = sum(s["seconds"] for s in per_shard)
+SUMMED = ("samples", "captioned", "corrupt", "no_image", "shards_written", "shards_skipped", "shards_unfinished")
+
+
+def _tally(finished: list[dict[str, Any]], skipped: int, unfinished: int) -> dict[str, Any]:
+    out: dict[str, Any] = {k: sum(s.get(k, 0) for s in finished) for k in SUMMED[:4]}
+    out["dropped_by_rule"] = dict(sum((Counter(s["dropped_by_rule"]) for s in finished), Counter()))
+    out["shards_written"], out["shards_skipped"], out["shards_unfinished"] = len(finished), skipped, unfinished
+    seconds = sum(s["seconds"] for s in finished)
     out["images_per_s"] = round(out["samples"] / seconds, 2) if seconds else None
     return out
 
@@ -253,11 +253,10 @@ def _gather(tally: dict[str, Any]) -> dict[str, Any]:
     finally:
         if not started:
             dist.destroy_process_group()
-    total = {**_tally([], 0), "shards_unfinished": 0, "stopped": []}
+    total = {**_tally([], 0, 0), "stopped": []}
     for p in parts:
-        for k in ("samples", "captioned", "corrupt", "no_image", "no_caption", "shards_written", "shards_skipped"):
+        for k in SUMMED:
             total[k] += p[k]
-        total["shards_unfinished"] += p["shards_unfinished"]
         total["stopped"] += p["stopped"]
         total["dropped_by_rule"] = dict(Counter(total["dropped_by_rule"]) + Counter(p["dropped_by_rule"]))
     speeds = [p["images_per_s"] for p in parts if p["images_per_s"]]
