@@ -152,6 +152,12 @@ def add_serve(sub, parents) -> None:
     p.add_argument("--served-name", default=None, help="model id clients send (default: --model)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (size/time limited)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together in one batch")
+    p.add_argument(
+        "--kv-cache",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="static: a preallocated KV cache per batch (no concatenation per token; faster on CPU)",
+    )
     p.set_defaults(fn=run_serve)
 
 
@@ -169,6 +175,7 @@ def run_serve(a: argparse.Namespace) -> None:
         model_name=a.served_name,
         allow_remote_images=a.allow_remote_images,
         max_batch_size=a.max_batch_size,
+        kv_cache=a.kv_cache,
     )
 
 

@@ -84,6 +84,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # (accelerate autocast; trainable tensors stay float32)
     gradient_checkpointing: bool = False  # LLM + vision tower, non-reentrant
+    compile: bool = False  # torch.compile the LLM (dynamic shapes; the first steps pay the compile)
     lora_r: int = 0  # > 0: LoRA (peft) on the LLM's linear layers; its base weights stay frozen
     lora_alpha: int = 16
     lora_dropout: float = 0.05

@@ -12,6 +12,7 @@ separately.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import re
@@ -271,6 +272,14 @@ def _segments(t: Template, turns: Sequence[Mapping[str, str]], system: str | Non
     return segs
 
 
+@functools.lru_cache(maxsize=1 << 15)
+def _piece_ids(tokenizer: Any, vocab_size: int, piece: str) -> tuple[int, ...]:
+    """One piece's token ids, memoised: training encodes the same prompt text for every sample
+    and the same answers every epoch (on the toy, tokenizing was a third of making a batch).
+    ``vocab_size`` (``len(tokenizer)``) is in the key so tokens added later are never stale."""
+    return tuple(tokenizer.encode(piece, add_special_tokens=False))
+
+
 def _encode_segments(
     tokenizer: Any, t: Template, segs: list[tuple[str, bool]], num_image_tokens: int
 ) -> tuple[list[int], list[int], int]:
@@ -298,7 +307,7 @@ def _encode_segments(
                 n_images += 1
             if not piece:
                 continue
-            piece_ids = list(tokenizer.encode(piece, add_special_tokens=False))
+            piece_ids = _piece_ids(tokenizer, len(tokenizer), piece)
             if img_id is not None and img_id in piece_ids:
                 raise ValueError(
                     f"text contains the image token {IMAGE_TOKEN!r} outside the template's "

@@ -211,14 +211,18 @@ class _RowsCriteria(StoppingCriteria):
 
 
 @torch.no_grad()
-def generate_rows(loaded: LoadedModel, rows: Sequence[Row], **gen: Any) -> None:
+def generate_rows(loaded: LoadedModel, rows: Sequence[Row], kv_cache: str = "dynamic", **gen: Any) -> None:
     """Generate every row in ONE left-padded batch (same sampling settings for all rows);
     each row ends at its own stop strings / budget, its text streamed through `on_text`.
-    Results land in the rows (`text`, `token_ids`, `finish_reason`)."""
+    Results land in the rows (`text`, `token_ids`, `finish_reason`). ``kv_cache="static"``:
+    transformers' preallocated cache, where the dynamic one concatenates every layer's keys and
+    values at each new token (on CPU, a third of a 64-row batch's time; docs/performance.md)."""
     model, tokenizer, t = loaded.model, loaded.tokenizer, get_template(loaded.template)
     kwargs = generation_kwargs(tokenizer, t, **gen)
     kwargs.pop("stop_strings"), kwargs.pop("tokenizer")  # matched per row by _RowsCriteria
     kwargs["max_new_tokens"] = max(r.max_new_tokens for r in rows)
+    if kv_cache != "dynamic":
+        kwargs["cache_implementation"] = kv_cache
     device, dtype = loaded.device, loaded.dtype
     batch = left_pad([r.input_ids for r in rows], tokenizer.pad_token_id)
     images = [im for r in rows for im in r.images]

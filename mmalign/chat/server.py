@@ -172,8 +172,9 @@ class BatchWorker:
         max_batch_size: int = 16,
         batch_wait_s: float = 0.02,
         max_queue: int = 256,
+        kv_cache: str = "dynamic",
     ):
-        self.loaded = loaded
+        self.loaded, self.kv_cache = loaded, kv_cache
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.batches: collections.deque[int] = collections.deque(maxlen=1000)  # the last batches' sizes (for tests)
@@ -219,7 +220,7 @@ class BatchWorker:
     def _run(self, jobs: list[Job], **gen: Any) -> None:
         self.batches.append(len(jobs))
         try:
-            generate_rows(self.loaded, [j.row for j in jobs], **gen)
+            generate_rows(self.loaded, [j.row for j in jobs], kv_cache=self.kv_cache, **gen)
         except Exception as e:  # noqa: BLE001 (reported to every client of the batch, the worker goes on)
             log.exception("generation failed for a batch of %d", len(jobs))
             for j in jobs:
@@ -347,9 +348,12 @@ def create_app(
     batch_wait_s: float = 0.02,
     max_queue: int = 256,
     limits: Limits = Limits(),  # noqa: B008 (frozen dataclass)
+    kv_cache: str = "dynamic",
 ) -> FastAPI:
     """The FastAPI app around one loaded model (see the module doc)."""
-    worker = BatchWorker(loaded, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queue=max_queue)
+    worker = BatchWorker(
+        loaded, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s, max_queue=max_queue, kv_cache=kv_cache
+    )
     completions = Completions(loaded, worker, model_name=model_name, system=system, images=images, limits=limits)
 
     @asynccontextmanager
@@ -474,11 +478,14 @@ def serve(
     model_name: str | None = None,
     allow_remote_images: bool = False,
     max_batch_size: int = 16,
+    kv_cache: str = "dynamic",
 ) -> None:
     """Load `model_dir` and serve it with uvicorn until interrupted."""
     import uvicorn
 
     loaded = LoadedModel.load(model_dir, template=template, dtype=dtype, device=device, load_in=load_in)
     policy = ImagePolicy(allow_remote=allow_remote_images)
-    app = create_app(loaded, model_name=model_name or model_dir, images=policy, max_batch_size=max_batch_size)
+    app = create_app(
+        loaded, model_name=model_name or model_dir, images=policy, max_batch_size=max_batch_size, kv_cache=kv_cache
+    )
     uvicorn.run(app, host=host, port=port)

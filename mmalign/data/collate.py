@@ -96,27 +96,19 @@ def pack(items: Sequence[Mapping[str, Any]], budget: int, pad_token_id: int) -> 
     name the sample (its index in ``items``; -1 for padding), and each sample's first label is
     -100, so no sample learns to predict its neighbour's first token. Images follow the packed
     order of their samples."""
-    seqs = [torch.as_tensor(b["input_ids"], dtype=torch.long).reshape(-1) for b in items]
-    labels = [torch.as_tensor(b["labels"], dtype=torch.long).reshape(-1).clone() for b in items]
+    seqs = [torch.as_tensor(b["input_ids"]).reshape(-1).tolist() for b in items]
+    labels = [[IGNORE_INDEX, *torch.as_tensor(b["labels"]).reshape(-1).tolist()[1:]] for b in items]
     rows = pack_rows([len(s) for s in seqs], budget)
     width = max(sum(len(seqs[i]) for i in row) for row in rows)
-    out = {
-        "input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
-        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
-        "sample_ids": torch.full((len(rows), width), -1, dtype=torch.long),
-    }
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            n = len(seqs[i])
-            labels[i][0] = IGNORE_INDEX
-            out["input_ids"][r, at : at + n] = seqs[i]
-            out["labels"][r, at : at + n] = labels[i]
-            out["position_ids"][r, at : at + n] = torch.arange(n)
-            out["sample_ids"][r, at : at + n] = i
-            at += n
-        out["position_ids"][r, at:] = torch.arange(width - at)
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": [], "sample_ids": []}
+    for row in rows:  # built as lists, one tensor per field at the end: a tensor write per sample costs more
+        ids = [t for i in row for t in seqs[i]]
+        fill = width - len(ids)
+        columns["input_ids"].append(ids + [pad_token_id] * fill)
+        columns["labels"].append([t for i in row for t in labels[i]] + [IGNORE_INDEX] * fill)
+        columns["position_ids"].append([p for i in row for p in range(len(seqs[i]))] + list(range(fill)))
+        columns["sample_ids"].append([i for i in row for _ in seqs[i]] + [-1] * fill)
+    out = {name: torch.tensor(values, dtype=torch.long) for name, values in columns.items()}
     order = [i for row in rows for i in row]
     return {
         **out,

@@ -149,7 +149,7 @@ def served_fix_model(
     ``/v1`` base URL."""
     port = _free_port()
     cmd = [sys.executable, "-m", "mmalign.cli", "serve", "--model", str(model), "--port", str(port)]
-    cmd += ["--max-batch-size", str(max_batch_size), "--served-name", "toy-fix"]
+    cmd += ["--max-batch-size", str(max_batch_size), "--served-name", "toy-fix", "--kv-cache", "static"]
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_file, "ab")
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)

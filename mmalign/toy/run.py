@@ -16,9 +16,9 @@ as the paper did it.
    time per phase, also kept in `timings.json`) and a sample chat answer from the self-curated
    stage-2 model.
 
-``baseline=True`` (``mmalign toy run --baseline``) trains as mmalign did before the feature cache:
-every step decodes its images and runs the vision tower, batches are padded, the loader runs in
-the main process (the benchmark times both, docs/performance.md).
+``baseline=True`` (``mmalign toy run --baseline``) trains as mmalign did before the speed work:
+every step decodes its images and runs the vision tower, batches are padded, in float32 with
+sdpa attention and no compile (the benchmark times both, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -37,7 +37,15 @@ from mmalign.data import toyworld as tw
 CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
 STAGE1_PAIRS = 16000
 STAGE2_PAIRS = 3500  # MiniGPT-4's curated set is ~3.5k detailed descriptions
-BASELINE = ("data.features=null", "data.packing=false", "data.num_workers=0")  # the path before the cache
+# the path before the speed work: images every step, padded batches, float32, sdpa, no compile
+BASELINE = (
+    "data.features=null",
+    "data.packing=false",
+    "data.num_workers=0",
+    "train.mixed_precision=no",
+    "train.compile=false",
+    "model.attn_implementation=null",
+)
 
 
 def write_toy_data(out: Path, n_stage1: int = STAGE1_PAIRS, n_stage2: int = STAGE2_PAIRS) -> dict[str, Path]:

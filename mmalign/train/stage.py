@@ -41,6 +41,7 @@ from mmalign.train.state import (
 )
 from mmalign.train.trainable import (
     check_trainable_precision,
+    compile_language_model,
     enable_gradient_checkpointing,
     freeze_for_stage,
     set_train_modes,
@@ -96,7 +97,7 @@ class StageRun:
             (self.output_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=1))
 
     def setup_model(self) -> None:
-        """Placement, stage-1 tensors, freezing + LoRA, checkpointing, precision."""
+        """Placement, stage-1 tensors, freezing + LoRA, checkpointing, precision, compile."""
         seed_everything(self.train_cfg.seed)
         model, self.tokenizer = model_from_config(self.engine.place(self.cfg.model))
         if self.cfg.model.quantization:
@@ -116,6 +117,8 @@ class StageRun:
             enable_gradient_checkpointing(model)
         check_trainable_precision(model, self.cfg)
         self.engine.prepare_precision(model)
+        if self.train_cfg.compile:
+            compile_language_model(model)
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.model, self.model_config = model, model.config
 

@@ -46,6 +46,18 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.enable_input_require_grads()  # LLM frozen / LoRA: keep the graph from the embeddings
 
 
+def compile_language_model(model: torch.nn.Module) -> None:
+    """torch.compile the LLM in place (its state-dict keys stay): it does most of a step's work,
+    and fusing its elementwise ops (norms, rotary, activations, the casts of mixed precision)
+    matters as much as its matmuls. Dynamic shapes from the start: padded lengths and packed row
+    counts change every step, and one symbolic graph compiles once instead of once per shape."""
+    from mmalign.model.architectures import architecture_of
+
+    name = architecture_of(model).roles["llm"][0].rstrip(".")
+    model.get_submodule(name).compile(dynamic=True)
+    log.info("torch.compile: %s (%s), compiled on its first step", name, type(model.get_submodule(name)).__name__)
+
+
 def check_trainable_precision(model: torch.nn.Module, cfg: RunConfig) -> None:
     """Half-precision weights that train need mixed precision (float32 masters)."""
     half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]

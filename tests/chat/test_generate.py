@@ -132,6 +132,21 @@ def test_rows_in_one_batch_answer_as_they_do_alone(tiny):
     assert [r.text.strip() for r in _run(model, tok, items, max_new_tokens=3)] == want
 
 
+def test_static_kv_cache_answers_as_the_dynamic_one(tiny):
+    """``mmalign serve --kv-cache static``: a preallocated cache per batch, the same greedy tokens
+    for rows of different prompt lengths (left-padded), with and without images."""
+    from mmalign.chat.generate import generate_rows
+
+    model, tok = tiny
+    items = _items(text_only=model.config.model_type != "blip-2")
+    dynamic = _run(model, tok, items, max_new_tokens=6)
+    rows = _rows(model, tok, items, max_new_tokens=6)
+    generate_rows(LoadedModel.of(model, tok, TEMPLATE), rows, kv_cache="static")
+    assert len({len(r.input_ids) for r in rows}) > 1
+    assert [r.token_ids for r in rows] == [r.token_ids for r in dynamic]
+    assert [r.text for r in rows] == [r.text for r in dynamic]
+
+
 def _run(model, tok, items, **kw):
     from mmalign.chat.generate import generate_rows
 

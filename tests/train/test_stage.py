@@ -501,3 +501,21 @@ def test_packed_batches_train_as_padded_ones(tmp_path, model_dir):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["answer_tokens"] == a["answer_tokens"]
     with pytest.raises(DataError, match="data.pack_tokens=100 is below data.max_length=160"):
         train(config(model_dir, data, tmp_path / "bad", *common, "data.packing=true", "data.pack_tokens=100"))
+
+
+def test_compiled_llm_trains_packed_rows_as_eager_padded_ones(tmp_path, model_dir):
+    """train.compile=true compiles the LLM once for every row count and length (dynamic shapes:
+    batches of 3 and 2 samples here) and learns what eager padded batches learn: the block mask
+    transformers derives from packed position ids survives tracing."""
+    data = caption_data(tmp_path / "data", n=5)
+    common = ("data.source=conversations", "train.max_steps=4", "train.batch_size=3", "train.plot=false")
+    train(config(model_dir, data, tmp_path / "eager", *common))
+    packed = ("data.packing=true", "data.pack_tokens=200", "train.compile=true")
+    run = RecordingRun(config(model_dir, data, tmp_path / "compiled", *common, *packed))
+    run.run()
+
+    assert run.built.get_submodule("model.language_model")._compiled_call_impl is not None
+    eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
+    assert len(compiled) == len(eager) == 4
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["answer_tokens"] == a["answer_tokens"]
