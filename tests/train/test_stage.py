@@ -504,7 +504,7 @@ def test_packed_batches_train_as_padded_ones(tmp_path, model_dir):
 
 
 def test_compiled_llm_trains_packed_rows_as_eager_padded_ones(tmp_path, model_dir):
-    """train.compile=true compiles the LLM once for every row count and length (dynamic shapes:
+    """train.compile=true compiles the LLM's layers once for every row count and length (dynamic shapes:
     batches of 3 and 2 samples here) and learns what eager padded batches learn: the block mask
     transformers derives from packed position ids survives tracing."""
     data = caption_data(tmp_path / "data", n=5)
@@ -514,7 +514,8 @@ def test_compiled_llm_trains_packed_rows_as_eager_padded_ones(tmp_path, model_di
     run = RecordingRun(config(model_dir, data, tmp_path / "compiled", *common, *packed))
     run.run()
 
-    assert run.built.get_submodule("model.language_model")._compiled_call_impl is not None
+    layers = run.built.get_submodule("model.language_model").layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
     eager, compiled = metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")
     assert len(compiled) == len(eager) == 4
     for a, b in zip(eager, compiled):
