@@ -62,6 +62,7 @@ class Row:
     note: str = ""
     higher_is_better: bool = False  # rates (tokens/s): the ratio is fast / base
     target: str = ""  # the target for this row and whether it is met, in words
+    extra: dict = field(default_factory=dict)  # what a section keeps for rows derived from this one
 
     @property
     def ratio(self) -> float:

@@ -18,7 +18,7 @@ each run is timed apart (under `train.compile` it compiles the LLM: a cost per r
 step) and added once per run to the main job's row. The losses of both paths are compared step
 by step (same batches: they agree to bf16 tolerance).
 
-    PYTHONPATH=. python -m bench.toy_training [--steps 40] [--quick]
+    PYTHONPATH=. python -m bench.toy_training [--steps 60] [--quick]
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from bench.common import Row, Timing, machine, peak_memory, table, verdict
 from mmalign.config import load_config, with_recipe_defaults
@@ -64,6 +67,7 @@ class PathRun:
     wall: float
     cpu: float
     first_extra: float
+    first_extra_cpu: float
     losses: list[float]
     cache_wall: float
 
@@ -76,13 +80,13 @@ def run_stage(stage: str, data: Path, root: Path, steps: int, baseline: bool) ->
     cache_wall, cache_cpu = time.perf_counter() - wall, time.process_time() - cpu
     overrides = [f"data.path={data}", f"train.output_dir={out}", f"train.max_steps={steps}", *COMMON, *speed]
     run = LoopTimed(with_recipe_defaults(load_config(CONFIGS / STAGE_CONFIGS[stage], overrides)))
+    torch._dynamo.reset()  # each run compiles as a new process would (from the on-disk cache once warm)
     run.run()
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     rest = steps - 1
     step_wall, step_cpu = (run.loop[0] - run.first[0]) / rest, (run.loop[1] - run.first[1]) / rest
-    return PathRun(
-        step_wall + cache_wall / steps, step_cpu + cache_cpu / steps, run.first[0] - step_wall, losses, cache_wall
-    )
+    first = (run.first[0] - step_wall, run.first[1] - step_cpu)
+    return PathRun(step_wall + cache_wall / steps, step_cpu + cache_cpu / steps, *first, losses, cache_wall)
 
 
 def measure_stage(stage: str, root: Path, steps: int, repeats: int) -> Row:
@@ -103,7 +107,7 @@ def measure_stage(stage: str, root: Path, steps: int, repeats: int) -> Row:
     row = Row(f"toy training, {stage}", "images every step, padded", timings[True], timings[False], "s/step")
     fast = runs[False]
     cache_share = min(r.cache_wall for r in fast) / steps / timings[False].best
-    row.first_extra = {side: [r.first_extra for r in runs[side]] for side in (True, False)}
+    row.extra = {side: runs[side][0] for side in (True, False)}  # the first repeat's: the coldest compile
     row.note = (
         f"{STAGE_CONFIGS[stage]}: {steps} steps of {batch} on {images} images (~{EPOCHS[stage]} epochs, as in the "
         f"main job), after the first step; fast includes writing the cache ({cache_share:.0%} of its time); "
@@ -128,7 +132,8 @@ def main_job_row(stage_rows: list[Row]) -> Row:
             for field in ("wall", "cpu"):
                 total = 0.0
                 for r, (n, n_runs) in zip(stage_rows, MAIN_JOB_STEPS.values()):
-                    total += getattr(getattr(r, side), field)[i] * n + r.first_extra[key][0] * n_runs
+                    first = r.extra[key].first_extra if field == "wall" else r.extra[key].first_extra_cpu
+                    total += getattr(getattr(r, side), field)[i] * n + first * n_runs
                 getattr(into, field).append(total)
         base.peak_bytes = max(r.base.peak_bytes for r in stage_rows)
         fast.peak_bytes = max(r.fast.peak_bytes for r in stage_rows)
@@ -142,19 +147,32 @@ def main_job_row(stage_rows: list[Row]) -> Row:
 
 
 def rows(quick: bool = False, steps: int | None = None) -> list[Row]:
+    """Both stages, then the main job's row; the compile cache starts empty (the first compile
+    is cold, as on a fresh machine) and is kept between runs, as on disk between main jobs."""
     logging.getLogger("mmalign").setLevel(logging.WARNING)
     out = []
-    for stage in ("stage1", "stage2"):
-        with tempfile.TemporaryDirectory() as tmp:
-            out.append(measure_stage(stage, Path(tmp), steps or (15 if quick else 60), 3))
+    with tempfile.TemporaryDirectory() as compile_cache:
+        saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache
+        try:
+            for stage in ("stage1", "stage2"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    out.append(measure_stage(stage, Path(tmp), steps or (15 if quick else 60), 3))
+        finally:
+            if saved is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
     return [*out, main_job_row(out)]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="steps per run (>= 2: the first is timed apart)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
+    if a.steps is not None and a.steps < 2:
+        p.error("--steps must be at least 2 (the first step is timed apart)")
     print(machine())
     print(table(rows(a.quick, a.steps)))
 

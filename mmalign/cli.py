@@ -354,7 +354,9 @@ def add_toy(sub, parents) -> None:
     p.add_argument("--out", default="runs/toy")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p.add_argument(
-        "--baseline", action="store_true", help="train as before the feature cache: images every step, padded batches"
+        "--baseline",
+        action="store_true",
+        help="train as before the speed work: images every step, padded batches, float32, sdpa, no compile",
     )
     p.add_argument("overrides", nargs="*", help="section.key=value for both stages, e.g. model.llm=DIR")
     p.set_defaults(fn=run_toy)

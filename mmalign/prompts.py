@@ -276,14 +276,16 @@ def _segments(t: Template, turns: Sequence[Mapping[str, str]], system: str | Non
 def _piece_ids(tokenizer: Any, vocab_size: int, piece: str) -> tuple[int, ...]:
     """One piece's token ids, memoised: training encodes the same prompt text for every sample
     and the same answers every epoch (on the toy, tokenizing was a third of making a batch).
-    ``vocab_size`` (``len(tokenizer)``) is in the key so tokens added later are never stale."""
+    ``vocab_size`` (``len(tokenizer)``) is in the key so tokens added later are never stale (a
+    change that keeps the size, e.g. a normaliser swapped in place, would be: build a new tokenizer)."""
     return tuple(tokenizer.encode(piece, add_special_tokens=False))
 
 
 def _encode_segments(
-    tokenizer: Any, t: Template, segs: list[tuple[str, bool]], num_image_tokens: int
+    tokenizer: Any, t: Template, segs: list[tuple[str, bool]], num_image_tokens: int, memoise: bool = False
 ) -> tuple[list[int], list[int], int]:
-    """Tokenize each segment alone; expand placeholders in prompt text in place."""
+    """Tokenize each segment alone; expand placeholders in prompt text in place. ``memoise``:
+    through `_piece_ids` (training, which meets the same pieces again; not served prompts)."""
     img_id = _maybe_image_token_id(tokenizer)
     ids: list[int] = []
     labels: list[int] = []
@@ -307,7 +309,10 @@ def _encode_segments(
                 n_images += 1
             if not piece:
                 continue
-            piece_ids = _piece_ids(tokenizer, len(tokenizer), piece)
+            if memoise:
+                piece_ids = _piece_ids(tokenizer, len(tokenizer), piece)
+            else:
+                piece_ids = tokenizer.encode(piece, add_special_tokens=False)
             if img_id is not None and img_id in piece_ids:
                 raise ValueError(
                     f"text contains the image token {IMAGE_TOKEN!r} outside the template's "
@@ -348,7 +353,7 @@ def encode_conversation(
         if turn["role"] == "assistant" and not turn["content"].strip():
             raise ValueError(f"turn {i}: empty assistant answer")
     sys_msg = t.system if system is _DEFAULT else system
-    ids, labels, n_images = _encode_segments(tokenizer, t, _segments(t, turns, sys_msg), num_image_tokens)
+    ids, labels, n_images = _encode_segments(tokenizer, t, _segments(t, turns, sys_msg), num_image_tokens, True)
     cut = 0
     truncated = max_length is not None and len(ids) > max_length
     if truncated:

@@ -221,8 +221,10 @@ def generate_rows(loaded: LoadedModel, rows: Sequence[Row], kv_cache: str = "dyn
     kwargs = generation_kwargs(tokenizer, t, **gen)
     kwargs.pop("stop_strings"), kwargs.pop("tokenizer")  # matched per row by _RowsCriteria
     kwargs["max_new_tokens"] = max(r.max_new_tokens for r in rows)
-    if kv_cache != "dynamic":
-        kwargs["cache_implementation"] = kv_cache
+    if kv_cache not in ("dynamic", "static"):
+        raise ValueError(f"kv_cache={kv_cache!r}: expected 'dynamic' or 'static'")
+    if kv_cache == "static":  # without transformers' auto-compile of static caches on GPU (CUDA graphs per shape)
+        kwargs.update(cache_implementation="static", disable_compile=True)
     device, dtype = loaded.device, loaded.dtype
     batch = left_pad([r.input_ids for r in rows], tokenizer.pad_token_id)
     images = [im for r in rows for im in r.images]

@@ -98,6 +98,11 @@ def pack(items: Sequence[Mapping[str, Any]], budget: int, pad_token_id: int) -> 
     order of their samples."""
     seqs = [torch.as_tensor(b["input_ids"]).reshape(-1).tolist() for b in items]
     labels = [[IGNORE_INDEX, *torch.as_tensor(b["labels"]).reshape(-1).tolist()[1:]] for b in items]
+    for i, (ids, lab) in enumerate(zip(seqs, labels)):
+        if not ids or len(lab) != len(ids):
+            raise ValueError(
+                f"sample {i} of the batch: {len(ids)} input ids, {len(lab)} labels (pack needs equal, > 0)"
+            )
     rows = pack_rows([len(s) for s in seqs], budget)
     width = max(sum(len(seqs[i]) for i in row) for row in rows)
     columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": [], "sample_ids": []}

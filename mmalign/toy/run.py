@@ -127,7 +127,8 @@ def main_job(out: Path, quick: bool = False, overrides: tuple[str, ...] = (), ba
     out.mkdir(parents=True, exist_ok=True)
     data = write_toy_data(out / "data", *((512, 256) if quick else ()))
     phases.done("toy data")
-    steps = ("train.max_steps=4", "train.save_every=2") if quick else ()
+    # quick: a smoke run of the plumbing, 4 steps a run: compiling them would be most of its time
+    steps = ("train.max_steps=4", "train.save_every=2", "train.compile=false") if quick else ()
     speed = SpeedPath(out, overrides, baseline)
     cfg1, ckpt1 = train_stage(
         "toy_stage1.yaml", out / "stage1", data["stage1"], (*steps, *speed("stage1", data["stage1"]))

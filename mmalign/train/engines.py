@@ -230,7 +230,7 @@ def fsdp_wrap_classes(model: torch.nn.Module) -> list[str]:
     return sorted(names & present)
 
 
-def _outermost_blocks(model: torch.nn.Module, classes: set[str]) -> list[torch.nn.Module]:
+def outermost_blocks(model: torch.nn.Module, classes: set[str]) -> list[torch.nn.Module]:
     """Modules of `classes` not inside another one (`_no_split_modules` also names the attention
     inside a layer): one FSDP unit per block."""
     chosen: list[str] = []
@@ -303,7 +303,7 @@ class FSDPEngine(Engine):
             "reshard_after_forward": self.settings["reshard"],
             "mp_policy": MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None),
         }
-        for block in _outermost_blocks(model, set(self.settings["wrap"] or fsdp_wrap_classes(model))):
+        for block in outermost_blocks(model, set(self.settings["wrap"] or fsdp_wrap_classes(model))):
             fully_shard(block, **options)
         for projector in _projector_modules(model):
             fully_shard(projector, **options)

@@ -40,6 +40,7 @@ from mmalign.train.state import (
     trainer_state,
 )
 from mmalign.train.trainable import (
+    check_compile,
     check_trainable_precision,
     compile_language_model,
     enable_gradient_checkpointing,
@@ -118,6 +119,7 @@ class StageRun:
         check_trainable_precision(model, self.cfg)
         self.engine.prepare_precision(model)
         if self.train_cfg.compile:
+            check_compile(self.engine.name, self.cfg.model.quantization)
             compile_language_model(model)
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.model, self.model_config = model, model.config

@@ -46,18 +46,33 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.enable_input_require_grads()  # LLM frozen / LoRA: keep the graph from the embeddings
 
 
+def check_compile(engine: str, quantization: str | None) -> None:
+    """``train.compile`` where it is tested: one process or DDP, full-precision weights. FSDP2 and
+    DeepSpeed wrap the layers with hooks of their own after the compile, and bitsandbytes layers
+    were never traced here."""
+    if engine not in ("single process", "DDP") or quantization:
+        raise ValueError(
+            f"train.compile=true is tested with one process and DDP on unquantized weights, not with the "
+            f"{engine} engine and model.quantization={quantization}: set train.compile=false"
+        )
+
+
 def compile_language_model(model: torch.nn.Module) -> None:
     """torch.compile each decoder layer of the LLM in place (state-dict keys stay): the LLM does
     most of a step's work, and fusing its elementwise ops (norms, rotary, activations, the casts
     of mixed precision) matters as much as its matmuls. Per layer, because the layers share one
     compiled graph: the first step compiles in about half the time of the whole LLM, for ~5 %
     slower steps (measured on the toy, docs/performance.md). Dynamic shapes from the start: padded
-    lengths and packed row counts change every step, and one symbolic graph compiles once."""
+    lengths and packed row counts change every step, and one symbolic graph serves them (sizes 0
+    and 1 are still specialised: a one-row batch compiles once more)."""
     from mmalign.model.architectures import architecture_of
+    from mmalign.train.engines import outermost_blocks
 
     llm = model.get_submodule(architecture_of(model).roles["llm"][0].rstrip("."))
-    classes = set(getattr(llm, "_no_split_modules", None) or ())  # the decoder-layer class(es)
-    layers = [m for m in llm.modules() if type(m).__name__ in classes] or [llm]
+    layers = outermost_blocks(llm, set(getattr(llm, "_no_split_modules", None) or ()))  # the decoder layers
+    if not layers:
+        log.warning("torch.compile: %s names no decoder-layer class; compiling it whole", type(llm).__name__)
+        layers = [llm]
     for layer in layers:
         layer.compile(dynamic=True)
     log.info("torch.compile: %d x %s, compiled on the first step", len(layers), type(layers[0]).__name__)

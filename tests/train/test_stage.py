@@ -520,3 +520,13 @@ def test_compiled_llm_trains_packed_rows_as_eager_padded_ones(tmp_path, model_di
     assert len(compiled) == len(eager) == 4
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["answer_tokens"] == a["answer_tokens"]
+
+
+@pytest.mark.parametrize(("engine", "quantization"), [("FSDP2", None), ("DeepSpeed ZeRO-3", None), ("DDP", "4bit")])
+def test_compile_is_refused_where_it_is_not_tested(engine, quantization):
+    from mmalign.train.trainable import check_compile
+
+    check_compile("DDP", None)
+    check_compile("single process", None)
+    with pytest.raises(ValueError, match="train.compile=false"):
+        check_compile(engine, quantization)
