@@ -7,6 +7,7 @@ Sections, in order (``--only`` picks some):
   and a random model with MiniGPT-4's proportions, widths / 16);
 - ``packing``: stage-2 tokens/s, packed rows vs padded batches (LLaVA-665k-like mix; equal lengths);
 - ``toy_training``: the main job's two stages, fast path vs ``mmalign toy run --baseline``;
+- ``llm_step``: the toy LLM's forward + backward in bf16 (sdpa, eager, compiled) vs float32;
 - ``chat``: turn 10 of a chat on the reused KV cache vs re-encoding everything;
 - ``eval``: batched evaluation vs one prompt at a time;
 - ``int8``: int8 weights vs float32, memory.
@@ -28,6 +29,7 @@ SECTIONS = {  # name -> module whose rows(quick) measures it
     "feature_cache": "bench.feature_cache",
     "packing": "bench.packing",
     "toy_training": "bench.toy_training",
+    "llm_step": "bench.llm_step",
     "chat": "bench.chat_kv_reuse",
     "eval": "bench.eval_batching",
     "int8": "bench.quantized_loading",

@@ -15,6 +15,7 @@ import ctypes
 import math
 import os
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -116,6 +117,22 @@ def peak_memory() -> Iterator[list[int]]:
         done.set()
         sampler.join()
         out[0] = max(peak[0], _rss()) - start
+
+
+@contextlib.contextmanager
+def empty_compile_cache() -> Iterator[None]:
+    """torch.compile's on-disk cache in a new empty folder while the block runs: its first compile
+    is cold, as on a fresh machine (later ones in the block reuse it, as later runs would)."""
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
 
 
 def timed(fn: Callable[[], object], into: Timing, per: int = 1) -> object:

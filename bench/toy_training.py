@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Row, Timing, machine, peak_memory, table, verdict
+from bench.common import Row, Timing, empty_compile_cache, machine, peak_memory, table, verdict
 from mmalign.config import load_config, with_recipe_defaults
 from mmalign.toy.run import CONFIGS, STAGE_CONFIGS, SpeedPath, write_toy_data
 from mmalign.train.stage import StageRun
@@ -151,18 +150,10 @@ def rows(quick: bool = False, steps: int | None = None) -> list[Row]:
     is cold, as on a fresh machine) and is kept between runs, as on disk between main jobs."""
     logging.getLogger("mmalign").setLevel(logging.WARNING)
     out = []
-    with tempfile.TemporaryDirectory() as compile_cache:
-        saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache
-        try:
-            for stage in ("stage1", "stage2"):
-                with tempfile.TemporaryDirectory() as tmp:
-                    out.append(measure_stage(stage, Path(tmp), steps or (15 if quick else 60), 3))
-        finally:
-            if saved is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+    with empty_compile_cache():
+        for stage in ("stage1", "stage2"):
+            with tempfile.TemporaryDirectory() as tmp:
+                out.append(measure_stage(stage, Path(tmp), steps or (15 if quick else 60), 3))
     return [*out, main_job_row(out)]
 
 

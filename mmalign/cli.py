@@ -154,7 +154,7 @@ def add_serve(sub, parents) -> None:
     p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together in one batch")
     p.add_argument(
         "--kv-cache",
-        choices=("dynamic", "static"),
+        choices=("dynamic", "static"),  # chat.generate.KV_CACHES (not imported: the CLI starts without torch)
         default="dynamic",
         help="static: a preallocated KV cache per batch (no concatenation per token; faster on CPU)",
     )

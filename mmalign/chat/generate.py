@@ -210,6 +210,9 @@ class _RowsCriteria(StoppingCriteria):
         self.shown[i] = max(self.shown[i], len(visible))
 
 
+KV_CACHES = ("dynamic", "static")  # generate_rows' kv_cache: transformers' cache_implementation
+
+
 @torch.no_grad()
 def generate_rows(loaded: LoadedModel, rows: Sequence[Row], kv_cache: str = "dynamic", **gen: Any) -> None:
     """Generate every row in ONE left-padded batch (same sampling settings for all rows);
@@ -221,8 +224,8 @@ def generate_rows(loaded: LoadedModel, rows: Sequence[Row], kv_cache: str = "dyn
     kwargs = generation_kwargs(tokenizer, t, **gen)
     kwargs.pop("stop_strings"), kwargs.pop("tokenizer")  # matched per row by _RowsCriteria
     kwargs["max_new_tokens"] = max(r.max_new_tokens for r in rows)
-    if kv_cache not in ("dynamic", "static"):
-        raise ValueError(f"kv_cache={kv_cache!r}: expected 'dynamic' or 'static'")
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache={kv_cache!r}: expected one of {KV_CACHES}")
     if kv_cache == "static":  # without transformers' auto-compile of static caches on GPU (CUDA graphs per shape)
         kwargs.update(cache_implementation="static", disable_compile=True)
     device, dtype = loaded.device, loaded.dtype
