@@ -36,7 +36,14 @@ def _loaded(a: argparse.Namespace):
     """The `--model` folder / hub id as a LoadedModel (template, dtype, device, --load-in applied)."""
     from mmalign.model import LoadedModel
 
-    return LoadedModel.load(a.model, template=a.template, dtype=a.dtype, device=a.device, load_in=a.load_in)
+    return LoadedModel.load(
+        a.model,
+        template=a.template,
+        dtype=a.dtype,
+        device=a.device,
+        attn_implementation=a.attn_implementation,
+        load_in=a.load_in,
+    )
 
 
 # --------------------------------------------------------------------------- parent parsers
@@ -51,6 +58,11 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     model.add_argument("--template", default=None, help="override the model's recorded chat template")
     model.add_argument("--dtype", default="float32", choices=DTYPES)
     model.add_argument("--device", default="cpu")
+    model.add_argument(
+        "--attn-implementation",
+        default=None,
+        help="the LLM's attention backend: sdpa, eager, flash_attention_2, ... (default: the model's)",
+    )
     quantized = argparse.ArgumentParser(add_help=False)
     quantized.add_argument("--load-in", choices=["8bit", "4bit"], default=None, help="quantize the LLM on load")
     return {"config": config, "model": model, "quantized": quantized}
@@ -153,6 +165,12 @@ def add_serve(sub, parents) -> None:
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (size/time limited)")
     p.add_argument("--max-batch-size", type=int, default=16, help="requests generated together in one batch")
     p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=20.0,
+        help="how long a batch waits for more requests before it starts (longer: fuller batches, more latency)",
+    )
+    p.add_argument(
         "--kv-cache",
         choices=("dynamic", "static"),  # chat.generate.KV_CACHES (not imported: the CLI starts without torch)
         default="dynamic",
@@ -171,10 +189,12 @@ def run_serve(a: argparse.Namespace) -> None:
         template=a.template,
         dtype=a.dtype,
         device=a.device,
+        attn_implementation=a.attn_implementation,
         load_in=a.load_in,
         model_name=a.served_name,
         allow_remote_images=a.allow_remote_images,
         max_batch_size=a.max_batch_size,
+        batch_wait_s=a.batch_wait_ms / 1000,
         kv_cache=a.kv_cache,
     )
 

@@ -171,5 +171,9 @@ def test_serve_loads_the_model_and_starts_uvicorn(model_dir, monkeypatch):
     assert started["host"] == "127.0.0.1" and started["port"] == 8123
     paths = {r.path for r in started["app"].routes}
     assert {"/v1/chat/completions", "/v1/models", "/health"} <= paths
+    main(["serve", "--model", str(model_dir), "--attn-implementation", "eager", "--batch-wait-ms", "150"])
+    worker = started["app"].state.worker
+    assert worker.batch_wait_s == pytest.approx(0.15)
+    assert worker.loaded.model.config.text_config._attn_implementation == "eager"
     with pytest.raises(SystemExit):
         main(["serve", "--model", str(model_dir), "--load-in", "3bit"])

@@ -219,8 +219,12 @@ class BatchWorker:
 
     def _run(self, jobs: list[Job], **gen: Any) -> None:
         self.batches.append(len(jobs))
+        started = time.monotonic()
         try:
             generate_rows(self.loaded, [j.row for j in jobs], kv_cache=self.kv_cache, **gen)
+            tokens = sum(len(j.row.token_ids) for j in jobs)
+            seconds = time.monotonic() - started
+            log.info("batch of %d: %d new tokens in %.2f s (%.0f tokens/s)", len(jobs), tokens, seconds, tokens / seconds)
         except Exception as e:  # noqa: BLE001 (reported to every client of the batch, the worker goes on)
             log.exception("generation failed for a batch of %d", len(jobs))
             for j in jobs:
@@ -474,18 +478,27 @@ def serve(
     template: str | None = None,
     dtype: Any = None,
     device: str = "cpu",
+    attn_implementation: str | None = None,
     load_in: str | None = None,
     model_name: str | None = None,
     allow_remote_images: bool = False,
     max_batch_size: int = 16,
+    batch_wait_s: float = 0.02,
     kv_cache: str = "dynamic",
 ) -> None:
     """Load `model_dir` and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    loaded = LoadedModel.load(model_dir, template=template, dtype=dtype, device=device, load_in=load_in)
+    loaded = LoadedModel.load(
+        model_dir, template=template, dtype=dtype, device=device, attn_implementation=attn_implementation, load_in=load_in
+    )
     policy = ImagePolicy(allow_remote=allow_remote_images)
     app = create_app(
-        loaded, model_name=model_name or model_dir, images=policy, max_batch_size=max_batch_size, kv_cache=kv_cache
+        loaded,
+        model_name=model_name or model_dir,
+        images=policy,
+        max_batch_size=max_batch_size,
+        batch_wait_s=batch_wait_s,
+        kv_cache=kv_cache,
     )
     uvicorn.run(app, host=host, port=port)

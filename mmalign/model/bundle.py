@@ -61,7 +61,7 @@ class LoadedModel:
         """An exported folder / hub id with its recorded template and eval image transform
         (``template`` / ``image_transform`` override them)."""
         if is_text_only(path_or_id):
-            return cls._load_text_only(path_or_id, template, dtype, device)
+            return cls._load_text_only(path_or_id, template, dtype, device, attn_implementation)
         model, tokenizer = load_model(
             str(path_or_id),
             dtype=torch_dtype(dtype),
@@ -75,7 +75,12 @@ class LoadedModel:
 
     @classmethod
     def _load_text_only(
-        cls, path: str | Path, template: str | None, dtype: str | torch.dtype | None, device: str | torch.device
+        cls,
+        path: str | Path,
+        template: str | None,
+        dtype: str | torch.dtype | None,
+        device: str | torch.device,
+        attn_implementation: str | None = None,
     ) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,7 +88,8 @@ class LoadedModel:
         template = template or (json.loads(meta.read_text()).get("template") if meta.is_file() else None)
         if not template:
             raise ValueError(f"{path}: a text-only LLM needs its chat template (--template, or {MMALIGN_META})")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype) or "auto").to(device)
+        attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype) or "auto", **attn).to(device)
         return cls(model, AutoTokenizer.from_pretrained(str(path)), template, None, str(path))
 
     @classmethod

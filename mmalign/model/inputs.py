@@ -8,6 +8,9 @@ features, padded or packed rows. One path, so what differs per class is data of 
   ``position_ids`` and either ``attention_mask=None`` (transformers then derives a block-causal
   mask from the positions) or a 4-D additive block mask (0 / -inf: Blip2 replaces a missing mask by
   ones, and a boolean 4-D mask is wrong under eager attention);
+- padded rows get explicit per-row ``position_ids`` (the ``arange`` transformers would derive):
+  the same input shapes as packed rows, so one compiled decoder-layer graph (``train.compile``)
+  serves stage 1's packed rows and stage 2's padded ones instead of compiling twice;
 - ``use_cache=False`` always: by default the LLM builds a KV cache even in training, and with a
   cache transformers no longer looks for packed sequences, so the samples of a row would attend to
   each other without a word.
@@ -55,6 +58,8 @@ def training_inputs(model: Any, batch: dict[str, Any], device: torch.device | st
         inputs["pixel_values"] = batch["pixel_values"].to(device)
     if batch.get("sample_ids") is None:
         inputs["attention_mask"] = batch["attention_mask"].to(device)
+        rows, length = inputs["input_ids"].shape  # right-padded rows: positions 0.. in each
+        inputs["position_ids"] = torch.arange(length, device=device).expand(rows, length)
         return inputs
     inputs["position_ids"] = batch["position_ids"].to(device)
     if architecture_of(model).packed_attention == "block_mask":

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -143,18 +143,27 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def served_fix_model(
-    log_file: Path, model: Path = FIX_MODEL, max_batch_size: int = 64, timeout_s: float = 180
+    log_file: Path,
+    model: Path = FIX_MODEL,
+    max_batch_size: int = 64,
+    timeout_s: float = 180,
+    while_starting: Callable[[], None] | None = None,
 ) -> Iterator[str]:
     """``mmalign serve --model <fix model>`` in a subprocess (its log in ``log_file``); yields its
-    ``/v1`` base URL."""
+    ``/v1`` base URL. ``while_starting`` runs while the server imports and loads (~10 s, mostly
+    one core), before its health is awaited. In bf16: the fix model's greedy answers to the
+    main job's descriptions are the same as in float32, ~1.4x faster here."""
     port = _free_port()
     cmd = [sys.executable, "-m", "mmalign.cli", "serve", "--model", str(model), "--port", str(port)]
     cmd += ["--max-batch-size", str(max_batch_size), "--served-name", "toy-fix", "--kv-cache", "static"]
+    cmd += ["--dtype", "bfloat16"]
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_file, "ab")
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
+        if while_starting is not None:
+            while_starting()
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
@@ -189,8 +198,8 @@ def curate_toy(out: Path, stage1: Path, n_images: int, quick: bool = False) -> t
     images = write_curated_images(out / "images", n_images)
     base = (f"workdir={out}", f"images={images}", f"describe.model={stage1}")
     cfg = load_curate_config(CONFIG, base)
-    run_describe(cfg, describer_for(cfg), rank=0, world=1)
-    with served_fix_model(out / "fix_server.log") as base_url:
+    describe = lambda: run_describe(cfg, describer_for(cfg), rank=0, world=1)  # noqa: E731
+    with served_fix_model(out / "fix_server.log", while_starting=describe) as base_url:
         cfg.fix.endpoint.base_url = base_url
         run_fix(cfg, ChatEndpoint(cfg.fix.endpoint), rank=0, world=1)
     run_filter(cfg)

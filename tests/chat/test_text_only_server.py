@@ -48,6 +48,7 @@ def test_a_causal_lm_folder_loads_text_only(text_folder, tmp_path):
     assert is_text_only(text_folder)
     loaded = LoadedModel.load(text_folder)
     assert loaded.text_only and loaded.num_image_tokens == 0 and loaded.template == "minigpt4_v0"
+    assert LoadedModel.load(text_folder, attn_implementation="eager").model.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="text-only"):
         loaded.pixel_values([colour((1, 2, 3))])
     turns = [{"role": "user", "content": "Fix the error in the given paragraph."}]

@@ -505,12 +505,13 @@ def test_packed_batches_train_as_padded_ones(tmp_path, model_dir):
 
 def test_compiled_llm_trains_packed_rows_as_eager_padded_ones(tmp_path, model_dir):
     """train.compile=true compiles the LLM's layers once for every row count and length (dynamic shapes:
-    batches of 3 and 2 samples here) and learns what eager padded batches learn: the block mask
-    transformers derives from packed position ids survives tracing."""
+    batches of 3 and 2 samples in rows of 64 tokens here) and learns what eager padded batches learn:
+    the block mask transformers derives from packed position ids survives tracing. Padded batches
+    then train through the same compiled graph."""
     data = caption_data(tmp_path / "data", n=5)
     common = ("data.source=conversations", "train.max_steps=4", "train.batch_size=3", "train.plot=false")
     train(config(model_dir, data, tmp_path / "eager", *common))
-    packed = ("data.packing=true", "data.pack_tokens=200", "train.compile=true")
+    packed = ("data.packing=true", "data.pack_tokens=64", "data.max_length=64", "train.compile=true")
     run = RecordingRun(config(model_dir, data, tmp_path / "compiled", *common, *packed))
     run.run()
 
@@ -520,6 +521,14 @@ def test_compiled_llm_trains_packed_rows_as_eager_padded_ones(tmp_path, model_di
     assert len(compiled) == len(eager) == 4
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["answer_tokens"] == a["answer_tokens"]
+
+    # padded rows (stage 2) get per-row position ids as packed ones (stage 1) do: the layers'
+    # graph is reused, not recompiled (duck sizing once tied the rotary batch to the rows')
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    train(config(model_dir, data, tmp_path / "compiled-padded", *common, "train.compile=true"))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    for a, b in zip(eager, metrics(tmp_path / "compiled-padded")):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize(("engine", "quantization"), [("FSDP2", None), ("DeepSpeed ZeRO-3", None), ("DDP", "4bit")])
