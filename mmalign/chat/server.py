@@ -222,14 +222,13 @@ class BatchWorker:
         started = time.monotonic()
         try:
             generate_rows(self.loaded, [j.row for j in jobs], kv_cache=self.kv_cache, **gen)
-            tokens = sum(len(j.row.token_ids) for j in jobs)
-            seconds = time.monotonic() - started
-            log.info("batch of %d: %d new tokens in %.2f s (%.0f tokens/s)", len(jobs), tokens, seconds, tokens / seconds)
         except Exception as e:  # noqa: BLE001 (reported to every client of the batch, the worker goes on)
             log.exception("generation failed for a batch of %d", len(jobs))
             for j in jobs:
                 j.emit(("error", e))
             return
+        tokens, seconds = sum(len(j.row.token_ids) for j in jobs), max(time.monotonic() - started, 1e-6)
+        log.info("batch of %d: %d new tokens in %.2f s (%.0f tokens/s)", len(jobs), tokens, seconds, tokens / seconds)
         for j in jobs:
             j.emit(("done", j.row))
 
@@ -490,7 +489,12 @@ def serve(
     import uvicorn
 
     loaded = LoadedModel.load(
-        model_dir, template=template, dtype=dtype, device=device, attn_implementation=attn_implementation, load_in=load_in
+        model_dir,
+        template=template,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        load_in=load_in,
     )
     policy = ImagePolicy(allow_remote=allow_remote_images)
     app = create_app(

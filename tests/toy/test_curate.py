@@ -40,3 +40,20 @@ def test_oracle_decisions(text, decision):
         assert judge(kept, SCENE)[0] == "accepted"
     else:
         assert kept == text
+
+
+def test_the_fix_server_stops_when_the_work_beside_its_start_fails(tmp_path, monkeypatch):
+    """``while_starting`` (describe, in the main job) runs while the server loads; if it fails,
+    the server process is stopped, not left behind."""
+    from mmalign.toy import curate
+
+    started, popen = [], curate.subprocess.Popen
+    monkeypatch.setattr(curate.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])
+
+    def describe() -> None:
+        raise RuntimeError("describe failed")
+
+    with pytest.raises(RuntimeError, match="describe failed"):
+        with curate.served_fix_model(tmp_path / "server.log", while_starting=describe):
+            pytest.fail("the server must not be yielded")
+    assert len(started) == 1 and started[0].poll() is not None

@@ -527,6 +527,7 @@ def test_compiled_llm_trains_packed_rows_as_eager_padded_ones(tmp_path, model_di
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     train(config(model_dir, data, tmp_path / "compiled-padded", *common, "train.compile=true"))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert len(metrics(tmp_path / "compiled-padded")) == 4
     for a, b in zip(eager, metrics(tmp_path / "compiled-padded")):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
 
