@@ -10,6 +10,7 @@ on a shared machine disturb less. Peak memory is the process's resident set abov
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import math
@@ -196,3 +197,12 @@ def table(rows: list[Row]) -> str:
         )
     targets = [f"- {r.name}: {r.target}" for r in rows if r.target]
     return "\n".join(lines + (["", "Targets:", *targets] if targets else []))
+
+
+def section_main(doc: str, rows: Callable[[bool], list[Row]]) -> None:
+    """The command line of a section with nothing to set but ``--quick``: the machine, then its table."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    quick = p.parse_args().quick
+    print(machine())
+    print(table(rows(quick)))

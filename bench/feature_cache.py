@@ -19,7 +19,6 @@ random 320 x 240 photos, where the frozen part's share of a step is larger.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import Row, Timing, interleaved, machine, table, verdict
+from bench.common import Row, Timing, interleaved, section_main, verdict
 from mmalign.config import load_config, with_recipe_defaults
 from mmalign.data.build import dataset_from_config
 from mmalign.data.collate import collate
@@ -170,11 +169,7 @@ def rows(quick: bool = False) -> list[Row]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args()
-    print(machine())
-    print(table(rows(a.quick)))
+    section_main(__doc__, rows)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ cache) is timed apart; every variant is warmed up once, then the variants run in
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from bench.common import Row, empty_compile_cache, interleaved, machine, table
+from bench.common import Row, empty_compile_cache, interleaved, section_main
 from mmalign.recipes import TOY_ASSETS
 from mmalign.train.trainable import compile_layers
 
@@ -77,11 +76,7 @@ def rows(quick: bool = False) -> list[Row]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args()
-    print(machine())
-    print(table(rows(a.quick)))
+    section_main(__doc__, rows)
 
 
 if __name__ == "__main__":
