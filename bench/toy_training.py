@@ -12,7 +12,8 @@ sizes) train `--steps` steps each on toy-world data, the two paths alternately:
 
 Same work: each stage gets as many images per step as in the main job (stage 1: 16,000 images
 for 2,500 steps of 64, ~10 epochs; stage 2 on generator descriptions: 3,500 images for 1,000
-steps of 24, ~7 epochs), so the cache's cost is amortised over as many steps as there. The fast
+steps of 24, ~7 epochs) in whole batches, so the cache's cost is amortised over as many steps as there
+and every step is as large as there. The fast
 path's time per step includes writing the cache; the note says its share. The first step of
 each run is timed apart (under `train.compile` it compiles the LLM: a cost per run, not per
 step) and added once per run to the main job's row. The losses of both paths are compared step
@@ -88,9 +89,16 @@ def run_stage(stage: str, data: Path, root: Path, steps: int, baseline: bool) ->
     return PathRun(step_wall + cache_wall / steps, step_cpu + cache_cpu / steps, *first, losses, cache_wall)
 
 
+def images_for(batch: int, steps: int, epochs: int) -> int:
+    """As many images per step as in the main job, in whole batches: an epoch's incomplete last
+    batch (96 images at 64 a step: one of 32 every other step) would make the steps cheaper than
+    the main job's, whose epochs are whole batches (16,000 = 250 x 64; 3,500 = 145 x 24 + 20)."""
+    return batch * max(1, round(steps / epochs))
+
+
 def measure_stage(stage: str, root: Path, steps: int, repeats: int) -> Row:
     batch = load_config(CONFIGS / STAGE_CONFIGS[stage]).train.batch_size
-    images = max(batch * steps // EPOCHS[stage], batch)
+    images = images_for(batch, steps, EPOCHS[stage])
     data = write_toy_data(root / "data", images, images)[stage]
     timings = {True: Timing(), False: Timing()}
     runs: dict[bool, list[PathRun]] = {True: [], False: []}

@@ -24,3 +24,17 @@ def test_an_unknown_section_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--only", "eval,nope"])
     assert "unknown section(s) nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage, steps", [("stage1", 15), ("stage1", 60), ("stage2", 15), ("stage2", 60)])
+def test_the_toy_training_bench_steps_are_whole_batches_of_the_main_job(stage, steps):
+    """An incomplete batch at each epoch's end would make the bench's steps cheaper than the main job's."""
+    from bench.toy_training import EPOCHS, images_for
+    from mmalign.config import load_config
+    from mmalign.toy.run import CONFIGS, STAGE_CONFIGS
+
+    batch = load_config(CONFIGS / STAGE_CONFIGS[stage]).train.batch_size
+    images = images_for(batch, steps, EPOCHS[stage])
+
+    assert images % batch == 0
+    assert 0.7 * EPOCHS[stage] <= steps * batch / images <= 1.3 * EPOCHS[stage]
