@@ -52,6 +52,7 @@ def rows(quick: bool = False) -> list[Row]:
         "positions": torch.cat([torch.arange(half), torch.arange(TOKENS - half)]).repeat(ROWS, 1),
     }
     with empty_compile_cache():
+        torch._dynamo.reset()  # in `python -m bench` an earlier section compiled the same layer class
         compile_layers(compiled.model)
         started = time.perf_counter()
         _step(compiled, True, batch)
