@@ -103,7 +103,7 @@ class PathRun:
         return self.first_extra if field == "wall" else self.first_extra_cpu
 
 
-def timed(fn: Any, *args: Any) -> tuple[Any, float, float]:
+def clocked(fn: Any, *args: Any) -> tuple[Any, float, float]:
     """``fn(*args)``, its wall and CPU seconds."""
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn(*args)
@@ -115,8 +115,8 @@ def run_stage(stage: str, data: Path, one: Path, root: Path, steps: int, baselin
     first, and ``one`` (a one-image set) apart: the cache's fixed cost."""
     out = root / ("run-baseline" if baseline else "run-fast")
     shutil.rmtree(out, ignore_errors=True)
-    speed, cache_wall, cache_cpu = timed(SpeedPath(root, (), baseline), stage, data)  # fast: root / features-STAGE
-    _, fixed_wall, fixed_cpu = timed(SpeedPath(root / "one", (), baseline), stage, one)
+    speed, cache_wall, cache_cpu = clocked(SpeedPath(root, (), baseline), stage, data)  # fast: root / features-STAGE
+    _, fixed_wall, fixed_cpu = clocked(SpeedPath(root / "one", (), baseline), stage, one)
     overrides = [f"data.path={data}", f"train.output_dir={out}", f"train.max_steps={steps}", *COMMON, *speed]
     run = LoopTimed(with_recipe_defaults(load_config(CONFIGS / STAGE_CONFIGS[stage], overrides)))
     torch._dynamo.reset()  # each run compiles as a new process would (from the on-disk cache once warm)
