@@ -32,18 +32,17 @@ def _load_config(a: argparse.Namespace):
         raise _fail(a.verb, e) from None
 
 
+def _model_options(a: argparse.Namespace) -> dict:
+    """The "model" parent parser's loading options, as `LoadedModel.load` (and `serve`) take them."""
+    keys = ("template", "dtype", "device", "attn_implementation", "load_in")
+    return {k: getattr(a, k) for k in keys}
+
+
 def _loaded(a: argparse.Namespace):
     """The `--model` folder / hub id as a LoadedModel (template, dtype, device, --load-in applied)."""
     from mmalign.model import LoadedModel
 
-    return LoadedModel.load(
-        a.model,
-        template=a.template,
-        dtype=a.dtype,
-        device=a.device,
-        attn_implementation=a.attn_implementation,
-        load_in=a.load_in,
-    )
+    return LoadedModel.load(a.model, **_model_options(a))
 
 
 # --------------------------------------------------------------------------- parent parsers
@@ -186,11 +185,7 @@ def run_serve(a: argparse.Namespace) -> None:
         a.model,
         host=a.host,
         port=a.port,
-        template=a.template,
-        dtype=a.dtype,
-        device=a.device,
-        attn_implementation=a.attn_implementation,
-        load_in=a.load_in,
+        **_model_options(a),
         model_name=a.served_name,
         allow_remote_images=a.allow_remote_images,
         max_batch_size=a.max_batch_size,
