@@ -19,6 +19,11 @@ from typing import Any
 
 from PIL import Image
 
+try:
+    import gradio as gr
+except ModuleNotFoundError as e:  # an extra: say which
+    raise ModuleNotFoundError("the web demo needs gradio: pip install 'mmalign[demo]'") from e
+
 from mmalign.chat.session import ChatSession
 from mmalign.model.bundle import LoadedModel
 
@@ -130,36 +135,70 @@ class _Answers:
             yield item
 
 
+@dataclass
+class _Visitor:
+    """One browser session: its conversation, and the uploaded file it is about."""
+
+    chat: ChatSession
+    image_path: str | None = None
+
+
 class _Handlers:
-    """The page's event handlers; one shared model, one `ChatSession` per browser session."""
+    """The page's event handlers; one shared model, one `_Visitor` per browser session.
+
+    Visitors are kept here by Gradio's session hash, not in a `gr.State`: a State deep-copies its
+    value (the model must stay shared) and two events that both find it empty would each create a
+    conversation, the later output silently replacing the other."""
 
     def __init__(self, dm: DemoModel, max_new_tokens: int):
         self.dm, self.max_new_tokens, self.answers = dm, max_new_tokens, _Answers()
+        self.visitors: dict[str, _Visitor] = {}
+        self._visitors_lock = threading.Lock()
 
-    def session_of(self, state: ChatSession | None) -> ChatSession:
-        # created lazily: gr.State deep-copies its initial value, and the model must stay shared
-        return state if state is not None else ChatSession(self.dm.loaded)
+    def visitor(self, request: gr.Request) -> _Visitor:
+        with self._visitors_lock:
+            if request.session_hash not in self.visitors:
+                self.visitors[request.session_hash] = _Visitor(ChatSession(self.dm.loaded))
+            return self.visitors[request.session_hash]
 
-    def on_image(self, image: Image.Image | None, state: ChatSession | None):
-        session = self.session_of(state)
-        with self.answers.lock:  # not in the middle of an answer (maybe this session's)
-            if image is None:
-                session.reset()
+    def on_leave(self, request: gr.Request) -> None:
+        with self._visitors_lock:
+            self.visitors.pop(request.session_hash, None)
+
+    def show(self, visitor: _Visitor, image_path: str | None) -> bool:
+        """Make the conversation about the page's image; False if it already was."""
+        with self.answers.lock:  # not in the middle of an answer (maybe this visitor's)
+            if image_path == visitor.image_path:
+                return False
+            if image_path is None:
+                visitor.chat.reset()
             else:
-                session.set_image(image)  # a new image starts a new conversation
-        return session, []
+                visitor.chat.set_image(Image.open(image_path))  # a new image starts a new conversation
+            visitor.image_path = image_path
+            return True
+
+    def on_image(self, image_path: str | None, request: gr.Request):
+        # a question sent right after the upload may have got here first and shown the image already
+        return [] if self.show(self.visitor(request), image_path) else gr.skip()
 
     def on_ask(
-        self, text: str, history: list, state: ChatSession | None, beams: float, temperature: float, sample: bool
+        self,
+        text: str,
+        history: list,
+        image_path: str | None,
+        beams: float,
+        temperature: float,
+        sample: bool,
+        request: gr.Request,
     ):
-        import gradio as gr
-
-        session = self.session_of(state)
+        visitor = self.visitor(request)
         if not text.strip():
-            yield text, history, session
+            yield text, history
             return
+        if self.show(visitor, image_path):  # the image's own event has not arrived yet
+            history = []
         history = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-        yield "", history, session
+        yield "", history
         gen = {
             "num_beams": int(beams),
             "do_sample": bool(sample),
@@ -168,54 +207,47 @@ class _Handlers:
             "max_new_tokens": self.max_new_tokens,
         }
         try:
-            for piece in self.answers.stream(session, text, gen):
+            for piece in self.answers.stream(visitor.chat, text, gen):
                 history[-1]["content"] += piece
-                yield "", history, session
+                yield "", history
         except ValueError as e:  # e.g. the conversation outgrew the context: say so on the page
             raise gr.Error(f"{e}. Press 'Clear / restart'.") from None
 
-    def on_clear(self, state: ChatSession | None):
-        session = self.session_of(state)
-        with self.answers.lock:
-            session.reset()
-        return None, [], "", session
+    def on_clear(self, request: gr.Request):
+        self.show(self.visitor(request), None)
+        return None, [], ""
 
-    def on_clear_chat(self, state: ChatSession | None):  # the chat's own bin: a new conversation, same image
-        session = self.session_of(state)
+    def on_clear_chat(self, request: gr.Request) -> None:  # the chat's own bin: a new conversation, same image
+        visitor = self.visitor(request)
         with self.answers.lock:
-            if session.image is None:
-                session.reset()
+            if visitor.chat.image is None:
+                visitor.chat.reset()
             else:
-                session.set_image(session.image)
-        return session
+                visitor.chat.set_image(visitor.chat.image)
 
 
 def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
     """The Gradio page for `dm` (call `.launch()` on it, see `launch`)."""
-    import gradio as gr
-
     on = _Handlers(dm, max_new_tokens)
     with gr.Blocks(title="mmalign demo", analytics_enabled=False) as demo:
         ui = _layout(dm)
-        state = gr.State(None)
-        ui["image"].change(on.on_image, [ui["image"], state], [state, ui["chatbot"]], queue=False)
+        ui["image"].change(on.on_image, [ui["image"]], [ui["chatbot"]], queue=False)
         ask = {
             "fn": on.on_ask,
-            "inputs": [ui["text"], ui["chatbot"], state, ui["beams"], ui["temperature"], ui["sample"]],
-            "outputs": [ui["text"], ui["chatbot"], state],
+            "inputs": [ui["text"], ui["chatbot"], ui["image"], ui["beams"], ui["temperature"], ui["sample"]],
+            "outputs": [ui["text"], ui["chatbot"]],
             "concurrency_id": "answer",
         }
         ui["text"].submit(**ask)
         ui["send"].click(**ask)
-        ui["clear"].click(on.on_clear, [state], [ui["image"], ui["chatbot"], ui["text"], state], queue=False)
-        ui["chatbot"].clear(on.on_clear_chat, [state], [state], queue=False)
+        ui["clear"].click(on.on_clear, None, [ui["image"], ui["chatbot"], ui["text"]], queue=False)
+        ui["chatbot"].clear(on.on_clear_chat, None, None, queue=False)
+        demo.unload(on.on_leave)
     return demo
 
 
 def _layout(dm: DemoModel) -> dict[str, Any]:
     """MiniGPT-4's page: image, examples and sliders on the left, the chat on the right."""
-    import gradio as gr
-
     loaded = dm.loaded
     gr.Markdown(
         f"## mmalign chat demo\nModel: `{loaded.name}` (template `{loaded.template}`). Upload an image, then ask "
@@ -226,7 +258,7 @@ def _layout(dm: DemoModel) -> dict[str, Any]:
     ui: dict[str, Any] = {}
     with gr.Row():
         with gr.Column(scale=1, min_width=260):
-            ui["image"] = gr.Image(type="pil", label="Image", height=260, elem_id="image")
+            ui["image"] = gr.Image(type="filepath", label="Image", height=260, elem_id="image")
             if dm.examples:
                 gr.Examples(dm.examples, inputs=ui["image"], label="Toy-world examples")
             ui["clear"] = gr.Button("Clear / restart", elem_id="clear")
@@ -251,8 +283,6 @@ def launch(
     dm: DemoModel, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False, block: bool = True
 ) -> Any:
     """Serve the page; `block=False` returns at once (tests)."""
-    import gradio as gr
-
     demo = build_demo(dm)
     demo.queue(default_concurrency_limit=None)  # the lock serialises generation; the queue need not
     # system fonts only: the page must render without reaching a font CDN (offline machines, CI)

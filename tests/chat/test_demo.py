@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import re
 import socket
+from types import SimpleNamespace
 
+import gradio as gr
 import pytest
 import torch
 from PIL import Image
 from selenium.common.exceptions import TimeoutException
 
 from mmalign.chat import demo as demo_mod
-from mmalign.chat.demo import DemoModel, _Answers, launch, load_demo_model, toy_examples
+from mmalign.chat.demo import DemoModel, _Answers, _Handlers, launch, load_demo_model, toy_examples
 from mmalign.chat.session import ChatSession
 from mmalign.cli import main
 from mmalign.model import LoadedModel, build_model
@@ -195,6 +197,21 @@ def test_demo_command_passes_its_options(monkeypatch, tmp_path):
     }
     main(["demo", "--share"])
     assert calls["path"] is None and calls["share"] is True
+
+
+def test_a_question_sent_before_the_images_event_is_answered_about_the_image(toy):
+    """Upload then Send at once: the question's event can reach the server before the image's.
+    The answer is still about the page's image, and the late image event keeps the chat."""
+    image, q = toy.examples[0], "Describe this image in detail."
+    on = _Handlers(toy, demo_mod.MAX_NEW_TOKENS)
+    me, other = SimpleNamespace(session_hash="me"), SimpleNamespace(session_hash="other")
+    *_, (_, history) = on.on_ask(q, [], image, 1, 1.0, False, me)
+    assert history[-1]["content"].strip() == direct_answer(toy, image, q)
+    assert on.on_image(image, me) == gr.skip() and on.visitor(me).chat.turns  # the chat stays
+    assert on.on_image(image, other) == []  # another browser's first upload: its own new conversation
+    assert on.visitor(other).chat.image is not None and not on.visitor(other).chat.turns
+    on.on_leave(other)
+    assert set(on.visitors) == {"me"}
 
 
 class FailingSession:
