@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bench.common import Row, Timing, peak_memory, verdict
+from bench.common import Row, Timing, measure_peak, verdict
 from mmalign.chat.session import ChatSession
 from mmalign.data import toyworld
 from mmalign.model import LoadedModel, build_model
@@ -66,12 +66,12 @@ def rows(quick: bool = False, turns: int = 10, new_tokens: int = 16) -> list[Row
     first: dict[bool, list[float]] = {True: [], False: []}  # turn 1, CPU seconds
     for _ in range(3 if quick else 7):  # interleaved, so machine load hits both alike
         for reuse in (False, True):
-            with peak_memory() as peak:
-                times, n_ids = conversation(model, tok, reuse, turns, new_tokens)
+            times, n_ids = conversation(model, tok, reuse, turns, new_tokens)
             last[reuse].cpu.append(times[-1][0])
             last[reuse].wall.append(times[-1][1])
-            last[reuse].peak_bytes = max(last[reuse].peak_bytes, peak[0])
             first[reuse].append(times[0][0])
+    for reuse in (False, True):  # peak memory in a conversation of its own (see bench.common)
+        measure_peak(lambda reuse=reuse: conversation(model, tok, reuse, turns, new_tokens), last[reuse])
     growth = {reuse: min(last[reuse].cpu) / min(first[reuse]) for reuse in (True, False)}
     row = Row(f"chat turn {turns}, KV cache reused", "re-encode image + conversation", last[False], last[True])
     row.unit = "s/turn"

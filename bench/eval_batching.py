@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from bench.common import Row, Timing, timed
+from bench.common import Row, Timing, measure_peak, timed
 from mmalign.evaluate.runner import run_task
 from mmalign.evaluate.toy import TASK, toy_samples
 from mmalign.model import LoadedModel
@@ -48,10 +48,11 @@ def rows(quick: bool = False, batch_size: int = 64) -> list[Row]:
         for bs in timings:
             with tempfile.TemporaryDirectory() as out:
                 answer = partial(run_task, TASK, samples, out, loaded, batch_size=bs, progress=False)
-                res = timed(answer, timings[bs])
+                res = timed(answer, timings[bs], per=len(samples))
             preds[bs] = [r["prediction"] for r in res.records]
-            timings[bs].wall[-1] /= len(samples)
-            timings[bs].cpu[-1] /= len(samples)
+    for bs in timings:  # peak memory in a run of its own (see bench.common)
+        with tempfile.TemporaryDirectory() as out:
+            measure_peak(partial(run_task, TASK, samples, out, loaded, batch_size=bs, progress=False), timings[bs])
     if preds[1] != preds[batch_size]:
         raise SystemExit("batched predictions differ from batch size 1")
     row = Row(f"evaluation, batch {batch_size}", "one prompt at a time", timings[1], timings[batch_size], "s/prompt")

@@ -140,8 +140,9 @@ def measure(name: str, cfg: Any, data_root: Path, batch_size: int, repeats: int)
     return row, t
 
 
-def configs(root: Path, quick: bool) -> list[tuple[str, Any, Path, int]]:
-    """(name, config, data folder, batch size) of the toy and the scaled MiniGPT-4 model."""
+def configs(root: Path, quick: bool) -> list[tuple[str, Any, Path, int, int]]:
+    """(name, config, data folder, batch size, repeats) of the toy and the scaled MiniGPT-4 model.
+    The toy's steps are short (~0.15 s) and its ceiling a difference of three of them: more repeats."""
     from mmalign.data import toyworld
     from mmalign.model import build_model
     from mmalign.recipes import TOY_ASSETS
@@ -156,14 +157,18 @@ def configs(root: Path, quick: bool) -> list[tuple[str, Any, Path, int]]:
     model, tok = build_model(minigpt4_scaled(str(TOY_ASSETS / "llm")))
     export(model, tok, big / "model", image_processor=image_processor_for(model), template="minigpt4_v0")
     big_cfg = load_config(None, [f"model.path={big / 'model'}", f"data.path={data}", "data.max_length=64"])
-    return [("toy-minigpt4", toy_cfg, toy, n_toy), ("MiniGPT-4 proportions, widths / 16", big_cfg, big, n_big)]
+    toy_repeats, big_repeats = (8, 4) if quick else (15, 8)
+    return [
+        ("toy-minigpt4", toy_cfg, toy, n_toy, toy_repeats),
+        ("MiniGPT-4 proportions, widths / 16", big_cfg, big, n_big, big_repeats),
+    ]
 
 
 def rows(quick: bool = False) -> list[Row]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cfg, root, batch_size in configs(Path(tmp), quick):
-            row, _ = measure(name, cfg, root, batch_size, repeats=3 if quick else 5)
+        for name, cfg, root, batch_size, repeats in configs(Path(tmp), quick):
+            row, _ = measure(name, cfg, root, batch_size, repeats)
             out.append(row)
     return out
 
