@@ -12,16 +12,19 @@ import logging
 import queue
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 try:
     import gradio as gr
 except ModuleNotFoundError as e:  # an extra: say which
+    if e.name != "gradio":
+        raise
     raise ModuleNotFoundError("the web demo needs gradio: pip install 'mmalign[demo]'") from e
 
 from mmalign.chat.session import ChatSession
@@ -34,6 +37,7 @@ TOY_QUESTIONS = ("Describe this image in detail.", "How many objects are there?"
 MAX_NEW_TOKENS, TOP_P = 300, 0.9
 # small images (the toy world's are 48 px) fill the upload box, pixels kept sharp
 CSS = "#image img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}"
+MAX_VISITORS = 32  # conversations kept, each with its KV cache; the least recently active one goes first
 _DONE = object()
 
 
@@ -137,10 +141,12 @@ class _Answers:
 
 @dataclass
 class _Visitor:
-    """One browser session: its conversation, and the uploaded file it is about."""
+    """One browser session: its conversation, the uploaded file it is about, and the chat the
+    page shows (kept here, so the page always shows the conversation the model has)."""
 
     chat: ChatSession
     image_path: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
 
 
 class _Handlers:
@@ -148,17 +154,23 @@ class _Handlers:
 
     Visitors are kept here by Gradio's session hash, not in a `gr.State`: a State deep-copies its
     value (the model must stay shared) and two events that both find it empty would each create a
-    conversation, the later output silently replacing the other."""
+    conversation, the later output silently replacing the other. Each question carries the page's
+    image, because it can reach the server before the image's own event does."""
 
     def __init__(self, dm: DemoModel, max_new_tokens: int):
         self.dm, self.max_new_tokens, self.answers = dm, max_new_tokens, _Answers()
-        self.visitors: dict[str, _Visitor] = {}
+        self.visitors: OrderedDict[str, _Visitor] = OrderedDict()
         self._visitors_lock = threading.Lock()
 
     def visitor(self, request: gr.Request) -> _Visitor:
+        if request.session_hash is None:  # a direct API call, outside any browser session
+            return _Visitor(ChatSession(self.dm.loaded))
         with self._visitors_lock:
             if request.session_hash not in self.visitors:
                 self.visitors[request.session_hash] = _Visitor(ChatSession(self.dm.loaded))
+                while len(self.visitors) > MAX_VISITORS:
+                    self.visitors.popitem(last=False)
+            self.visitors.move_to_end(request.session_hash)
             return self.visitors[request.session_hash]
 
     def on_leave(self, request: gr.Request) -> None:
@@ -167,14 +179,17 @@ class _Handlers:
 
     def show(self, visitor: _Visitor, image_path: str | None) -> bool:
         """Make the conversation about the page's image; False if it already was."""
+        if image_path == visitor.image_path:  # the usual case: no wait for another visitor's answer
+            return False
         with self.answers.lock:  # not in the middle of an answer (maybe this visitor's)
             if image_path == visitor.image_path:
                 return False
             if image_path is None:
                 visitor.chat.reset()
             else:
-                visitor.chat.set_image(Image.open(image_path))  # a new image starts a new conversation
-            visitor.image_path = image_path
+                with Image.open(image_path) as image:  # as uploaded: upright by its EXIF orientation
+                    visitor.chat.set_image(ImageOps.exif_transpose(image))  # starts a new conversation
+            visitor.image_path, visitor.history = image_path, []
             return True
 
     def on_image(self, image_path: str | None, request: gr.Request):
@@ -182,22 +197,15 @@ class _Handlers:
         return [] if self.show(self.visitor(request), image_path) else gr.skip()
 
     def on_ask(
-        self,
-        text: str,
-        history: list,
-        image_path: str | None,
-        beams: float,
-        temperature: float,
-        sample: bool,
-        request: gr.Request,
+        self, text: str, image_path: str | None, beams: float, temperature: float, sample: bool, request: gr.Request
     ):
         visitor = self.visitor(request)
         if not text.strip():
-            yield text, history
+            yield text, visitor.history
             return
-        if self.show(visitor, image_path):  # the image's own event has not arrived yet
-            history = []
-        history = [*history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        self.show(visitor, image_path)
+        history = [*visitor.history, {"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        visitor.history = history
         yield "", history
         gen = {
             "num_beams": int(beams),
@@ -214,7 +222,10 @@ class _Handlers:
             raise gr.Error(f"{e}. Press 'Clear / restart'.") from None
 
     def on_clear(self, request: gr.Request):
-        self.show(self.visitor(request), None)
+        visitor = self.visitor(request)
+        with self.answers.lock:
+            visitor.chat.reset()
+            visitor.image_path, visitor.history = None, []
         return None, [], ""
 
     def on_clear_chat(self, request: gr.Request) -> None:  # the chat's own bin: a new conversation, same image
@@ -224,6 +235,7 @@ class _Handlers:
                 visitor.chat.reset()
             else:
                 visitor.chat.set_image(visitor.chat.image)
+            visitor.history = []
 
 
 def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
@@ -234,7 +246,7 @@ def build_demo(dm: DemoModel, *, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
         ui["image"].change(on.on_image, [ui["image"]], [ui["chatbot"]], queue=False)
         ask = {
             "fn": on.on_ask,
-            "inputs": [ui["text"], ui["chatbot"], ui["image"], ui["beams"], ui["temperature"], ui["sample"]],
+            "inputs": [ui["text"], ui["image"], ui["beams"], ui["temperature"], ui["sample"]],
             "outputs": [ui["text"], ui["chatbot"]],
             "concurrency_id": "answer",
         }
@@ -258,7 +270,7 @@ def _layout(dm: DemoModel) -> dict[str, Any]:
     ui: dict[str, Any] = {}
     with gr.Row():
         with gr.Column(scale=1, min_width=260):
-            ui["image"] = gr.Image(type="filepath", label="Image", height=260, elem_id="image")
+            ui["image"] = gr.Image(type="filepath", image_mode=None, label="Image", height=260, elem_id="image")
             if dm.examples:
                 gr.Examples(dm.examples, inputs=ui["image"], label="Toy-world examples")
             ui["clear"] = gr.Button("Clear / restart", elem_id="clear")

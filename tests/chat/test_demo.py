@@ -199,19 +199,59 @@ def test_demo_command_passes_its_options(monkeypatch, tmp_path):
     assert calls["path"] is None and calls["share"] is True
 
 
+def visitor(name: str | None) -> SimpleNamespace:  # what the handlers read of a gr.Request
+    return SimpleNamespace(session_hash=name)
+
+
+def ask(on: _Handlers, text: str, image: str | None, who: SimpleNamespace) -> list[dict]:
+    """The chat the page shows after the answer to `text`, greedy."""
+    *_, (_, history) = on.on_ask(text, image, 1, 1.0, False, who)
+    return history
+
+
 def test_a_question_sent_before_the_images_event_is_answered_about_the_image(toy):
     """Upload then Send at once: the question's event can reach the server before the image's.
     The answer is still about the page's image, and the late image event keeps the chat."""
     image, q = toy.examples[0], "Describe this image in detail."
-    on = _Handlers(toy, demo_mod.MAX_NEW_TOKENS)
-    me, other = SimpleNamespace(session_hash="me"), SimpleNamespace(session_hash="other")
-    *_, (_, history) = on.on_ask(q, [], image, 1, 1.0, False, me)
+    on, me, other = _Handlers(toy, demo_mod.MAX_NEW_TOKENS), visitor("me"), visitor("other")
+    history = ask(on, q, image, me)
+    assert [m["role"] for m in history] == ["user", "assistant"]
     assert history[-1]["content"].strip() == direct_answer(toy, image, q)
     assert on.on_image(image, me) == gr.skip() and on.visitor(me).chat.turns  # the chat stays
     assert on.on_image(image, other) == []  # another browser's first upload: its own new conversation
     assert on.visitor(other).chat.image is not None and not on.visitor(other).chat.turns
     on.on_leave(other)
     assert set(on.visitors) == {"me"}
+
+
+def test_the_page_shows_the_conversation_the_model_has(toy):
+    """A new image's event first, then a question the page sent with the old chat still on it:
+    the answer starts a chat of its own, as the model's conversation does."""
+    first, second, q = toy.examples[0], toy.examples[1], "Describe this image in detail."
+    on, me = _Handlers(toy, demo_mod.MAX_NEW_TOKENS), visitor("me")
+    ask(on, q, first, me)
+    assert on.on_image(second, me) == []
+    history = ask(on, q, second, me)
+    assert len(history) == 2 and history[-1]["content"].strip() == direct_answer(toy, second, q)
+    assert len(ask(on, q, second, me)) == 4  # the next turn continues it
+
+
+def test_clear_restarts_a_conversation_without_an_image_too(toy):
+    q = "Describe this image in detail."
+    on, me = _Handlers(toy, demo_mod.MAX_NEW_TOKENS), visitor("me")
+    ask(on, q, None, me)
+    assert on.on_clear(me) == (None, [], "")
+    assert not on.visitor(me).chat.turns
+    assert ask(on, q, None, me)[-1]["content"].strip() == direct_answer(toy, None, q)
+
+
+def test_calls_outside_a_browser_session_are_not_kept_and_visitors_are_bounded(toy, monkeypatch):
+    monkeypatch.setattr(demo_mod, "MAX_VISITORS", 2)
+    on = _Handlers(toy, demo_mod.MAX_NEW_TOKENS)
+    assert on.visitor(visitor(None)) is not on.visitor(visitor(None)) and not on.visitors
+    for name in ("a", "b", "a", "c"):  # "b" is the least recently active when "c" arrives
+        on.visitor(visitor(name))
+    assert list(on.visitors) == ["a", "c"]
 
 
 class FailingSession:
