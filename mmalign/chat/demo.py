@@ -80,7 +80,7 @@ def load_demo_model(
 UNTRAINED_NOTE = (
     f"No --model given and no {TOY_EXPORT}: serving `toy-minigpt4` built from the shipped toy "
     "backbones with an UNTRAINED projection, so its answers do not reflect the image. "
-    "Run `mmalign toy run` (about 7 min on 2 CPU cores) to train one."
+    "Run `mmalign toy run` (about 10 min on 2 CPU cores) to train one."
 )
 
 
