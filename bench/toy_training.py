@@ -33,12 +33,13 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from bench.common import Row, Timing, empty_compile_cache, machine, peak_memory, table, verdict
+from bench.common import Row, Timing, empty_compile_cache, machine, measure_peak, table, verdict
 from mmalign.config import load_config, with_recipe_defaults
 from mmalign.toy.run import CONFIGS, STAGE_CONFIGS, SpeedPath, write_toy_data
 from mmalign.train.stage import StageRun
@@ -151,9 +152,8 @@ def measure_stage(stage: str, root: Path, steps: int, repeats: int) -> Row:
             timings[baseline].wall.append(result.wall)
             timings[baseline].cpu.append(result.cpu)
     for baseline in (True, False):  # peak memory in a shorter run of its own (see bench.common)
-        with peak_memory() as peak:
-            run_stage(stage, data, one, root, min(steps, MEMORY_STEPS), baseline, images)
-        timings[baseline].peak_bytes = peak[0]
+        run = partial(run_stage, stage, data, one, root, min(steps, MEMORY_STEPS), baseline, images)
+        measure_peak(run, timings[baseline])
     worst = max(abs(a - b) for a, b in zip(runs[True][-1].losses, runs[False][-1].losses))
     row = Row(f"toy training, {stage}", "images every step, padded", timings[True], timings[False], "s/step")
     fast = runs[False]
